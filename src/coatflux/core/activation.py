@@ -1,0 +1,174 @@
+"""FP8 compression of the activations that non-linear ops save for backward (COAT's mixed granularity).
+
+What: while a COAT-converted model runs forward, every floating-point tensor an autograd op
+saves for backward -- the input of a LayerNorm or RMSNorm, of GELU-tanh or SiLU, the operands of
+an element-wise multiply (AdaLN modulation, gates) -- is stored as FP8 E4M3 with one
+power-of-two scale per 1 x ``group_size`` group (1.0625 bytes per element instead of 2 for bf16
+or 4 for fp32 norm statistics) and restored to its original dtype when backward needs it.
+Scaled-dot-product attention's saved tensors (q, k, v, output, log-sum-exp) stay as they are by
+default, as in COAT. Linear layers converted to :class:`~coatflux.core.linear.FP8Linear` save
+their own per-tensor FP8 input, which this hook recognises (already FP8) and leaves alone.
+
+How, and what we chose against: COAT rewrites each Llama decoder layer as hand-fused autograd
+functions, which covers one architecture. Here the compression sits on PyTorch's own seam for
+saved tensors, ``torch.autograd.graph.saved_tensors_hooks``: saved tensors stay visible to
+autograd, any model works unchanged, and non-reentrant ``torch.utils.checkpoint`` composes
+because its own hooks are innermost inside a checkpointed region (those tensors are recomputed,
+not stored). Attention is recognised with a ``TorchFunctionMode`` that marks the span of each
+``scaled_dot_product_attention`` call, inside which tensors pass through; nothing is
+monkey-patched.
+
+A tensor saved by several ops (LayerNorm output used by three modulations, say) is compressed
+once: packed copies are cached weakly by the identity and version of the source tensor.
+Parameters (and views of them, such as the transposed weight ``nn.Linear`` saves), constants
+without autograd history, per-row statistics whose last dimension is below ``group_size`` (norm
+mean and rstd) and tensors smaller than ``min_saved_numel`` pass through untouched: they cost
+little or are alive anyway, and an error in rstd would scale every gradient of its row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from coatflux.core.config import ActivationConfig
+from coatflux.core.formats import E4M3, QuantizedTensor, dequantize, quantize
+
+_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+class _AttentionScope(TorchFunctionMode):
+    """Marks the span of each scaled-dot-product-attention call so its saved tensors pass through.
+
+    It flips a counter on the compressor rather than pushing pass-through hooks: hooks pushed
+    here would be innermost and take the saved tensors away from a surrounding non-reentrant
+    checkpoint, whose recomputation would then no longer match its forward.
+    """
+
+    def __init__(self, compressor: ActivationCompressor) -> None:
+        super().__init__()
+        self._compressor = compressor
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in _ATTENTION_FUNCTIONS:
+            return func(*args, **kwargs)
+        self._compressor.attention_depth += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._compressor.attention_depth -= 1
+
+
+class _Packed:
+    """A saved tensor in FP8 form; shared by every op that saved the same source tensor."""
+
+    __slots__ = ("q",)
+
+    def __init__(self, q: QuantizedTensor) -> None:
+        self.q = q
+
+    def nbytes(self) -> int:
+        return self.q.nbytes()
+
+
+class ActivationCompressor:
+    """Pack/unpack hooks that store saved activations as FP8 with per-group (or per-tensor) scales.
+
+    Use it as a context manager around a forward pass, or let
+    :func:`coatflux.core.api.apply_coat` install it on a module.
+    """
+
+    def __init__(self, config: ActivationConfig) -> None:
+        self.config = config
+        self.meter: SavedBytesMeter | None = None
+        self.attention_depth = 0
+        self._packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+    def should_compress(self, t: torch.Tensor) -> bool:
+        """Activations only: not weights, not constants, not per-row statistics."""
+        if not t.is_floating_point() or t.element_size() == 1 or t.layout != torch.strided:
+            return False
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            return False  # a weight (or its transpose, as nn.Linear saves it) is stored anyway
+        if t.grad_fn is None and not t.requires_grad:
+            return False  # a constant (RoPE tables, masks): usually alive elsewhere, and exact is cheap
+        if t.dim() == 0 or t.shape[-1] < self.config.group_size:
+            return False  # norm statistics (mean, rstd): tiny, and every gradient is multiplied by them
+        return t.numel() >= max(self.config.min_saved_numel, 1)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        packed = self._pack(t)
+        if self.meter is not None:
+            self.meter.add(packed)
+        return packed
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if self.attention_depth > 0 or not self.should_compress(t):
+            return t
+        hit = self._packed.get(t)
+        if hit is not None and hit[0] == t._version:
+            return hit[1]
+        if self.config.nonlinear_granularity == "per_group":
+            q = quantize(t.detach(), E4M3, "group", self.config.group_size, pow2_scales=True)
+        else:
+            q = quantize(t.detach(), E4M3, "tensor")
+        packed = _Packed(q)
+        self._packed[t] = (t._version, packed)
+        return packed
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, _Packed):
+            return dequantize(packed.q)
+        return packed
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        """Context in which saved activations are compressed (attention kept as configured)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
+            if self.config.keep_attention_bf16:
+                stack.enter_context(_AttentionScope(self))
+            yield
+
+
+class SavedBytesMeter:
+    """Counts the bytes an autograd graph keeps for backward, each storage once.
+
+    Plain tensors are counted by their whole storage (a saved view keeps all of it alive);
+    FP8-packed tensors by their codes plus scales. Parameters and module buffers are excluded:
+    they are weights, not activations.
+    """
+
+    def __init__(self, exclude: set[int] | None = None) -> None:
+        self.exclude = exclude or set()
+        self.total = 0
+        self._seen: set[int] = set()
+
+    def add(self, obj: Any) -> None:
+        if isinstance(obj, _Packed):
+            key, size = id(obj), obj.nbytes()
+        elif torch.is_tensor(obj):
+            if isinstance(obj, torch.nn.Parameter):
+                return
+            storage = obj.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if key in self.exclude:
+                return
+        else:
+            return
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += size
+
+    def pack(self, t: Any) -> Any:
+        """A pack hook for models without COAT: count, then keep the tensor as it is."""
+        self.add(t)
+        return t

@@ -1,0 +1,156 @@
+"""One-call API: convert a model's linears, compress its saved activations, build the optimizer.
+
+What: :func:`replace_linear_with_fp8` swaps ``nn.Linear`` modules for
+:class:`~coatflux.core.linear.FP8Linear`; :func:`apply_coat` does that and installs the
+:class:`~coatflux.core.activation.ActivationCompressor` around the model's forward;
+:class:`COATTrainer` bundles both with the optimizer, under the names the user's integration
+guide already uses (``COATTrainer(COATConfig()).create_optimizer(params, lr=...)``).
+
+Conversion happens in place, module by module, and returns the same model object. Module names
+are matched with ``include`` / ``exclude`` substrings (exclude wins). The compressor is entered by
+a forward pre-hook and left by a forward hook registered with ``always_call=True``, so an
+exception inside forward never leaves the hooks active. It is installed on the module passed in
+(the root), not on inner blocks, so that a block wrapped by non-reentrant gradient checkpointing
+keeps checkpointing's own hooks innermost.
+
+Fallbacks are never silent: without FP8 tensor cores the linears keep FP8 weights and FP8 saved
+inputs but multiply in the compute dtype, and :func:`apply_coat` warns once, saying what is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from coatflux.core.activation import ActivationCompressor
+from coatflux.core.config import ActivationConfig, COATConfig
+from coatflux.core.gemm import fp8_gemm_support
+from coatflux.core.linear import FP8Linear, InputCache
+from coatflux.core.optim import FP8AdamW
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class COATContext:
+    """What :func:`apply_coat` attached to a model: its compressor, input cache and hook handles."""
+
+    config: COATConfig
+    compressor: ActivationCompressor | None
+    input_cache: InputCache
+    converted: list[str] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+    _stacks: list[contextlib.ExitStack] = field(default_factory=list)
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        if self.compressor is None:
+            return
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.compressor())
+        self._stacks.append(stack)
+
+    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stacks:
+            self._stacks.pop().close()
+
+
+def _matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    include, exclude = tuple(include), tuple(exclude)
+    if any(s in name for s in exclude):
+        return False
+    return not include or any(s in name for s in include)
+
+
+def _float8_available() -> bool:
+    return hasattr(torch, "float8_e4m3fn") and hasattr(torch, "float8_e5m2")
+
+
+def _convert_linears(model: nn.Module, config: COATConfig, cache: InputCache) -> list[str]:
+    converted = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and _matches(full, config.include, config.exclude):
+                setattr(module, child_name, FP8Linear.from_linear(child, config.activation, cache))
+                converted.append(full)
+    return converted
+
+
+def _warn_fallback(model: nn.Module) -> None:
+    params = list(model.parameters()) + list(model.buffers())
+    device = params[0].device if params else torch.device("cpu")
+    support = fp8_gemm_support(device)
+    if not support.available:
+        warnings.warn(
+            f"COAT: {support.reason}. Linears keep FP8 weights and FP8 saved activations (the memory "
+            "saving) but multiply in the compute dtype: no FP8 speed-up.", RuntimeWarning, stacklevel=3)
+
+
+def replace_linear_with_fp8(model: nn.Module, config: COATConfig | ActivationConfig | None = None) -> nn.Module:
+    """Swap every matching ``nn.Linear`` for an :class:`FP8Linear`, in place; returns ``model``.
+
+    Frozen linears (``requires_grad=False``) get an FP8 weight stored once; trainable ones keep
+    their parameter and quantize it on the fly.
+    """
+    if isinstance(config, ActivationConfig):
+        config = COATConfig(activation=config)
+    config = config or COATConfig()
+    if not _float8_available():
+        warnings.warn(f"COAT: PyTorch {torch.__version__} has no float8 dtypes; linears stay in their "
+                      "own precision (no FP8 memory saving, no speed-up).", RuntimeWarning, stacklevel=2)
+        return model
+    _warn_fallback(model)
+    _convert_linears(model, config, InputCache())
+    return model
+
+
+def apply_coat(model: nn.Module, config: COATConfig | None = None) -> nn.Module:
+    """Apply COAT to ``model`` in place: FP8 linears plus FP8 compression of saved activations.
+
+    With ``config.enabled`` false, or ``config.activation.use_fp8`` false, the model is returned
+    unchanged. Calling it twice on the same model is an error (the second call would re-quantize
+    already-quantized weights).
+    """
+    config = config or COATConfig()
+    if getattr(model, "coat_context", None) is not None:
+        raise RuntimeError("apply_coat: this model already has COAT applied")
+    if not (config.enabled and config.activation.use_fp8):
+        return model
+    if not _float8_available():
+        warnings.warn(f"COAT: PyTorch {torch.__version__} has no float8 dtypes; the model runs in its own "
+                      "precision (no FP8 activations, weights or GEMMs).", RuntimeWarning, stacklevel=2)
+        return model
+    _warn_fallback(model)
+    context = COATContext(config, ActivationCompressor(config.activation), InputCache())
+    context.converted = _convert_linears(model, config, context.input_cache)
+    context.handles = [
+        model.register_forward_pre_hook(context.enter),
+        model.register_forward_hook(context.exit, always_call=True),
+    ]
+    model.coat_context = context
+    logger.info("COAT: %d linears converted to FP8; saved activations compressed (%s, group %d)",
+                len(context.converted), config.activation.nonlinear_granularity, config.activation.group_size)
+    return model
+
+
+class COATTrainer:
+    """The user guide's entry point: prepare a model and create the optimizer from one config."""
+
+    def __init__(self, config: COATConfig | None = None) -> None:
+        self.config = config or COATConfig()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return apply_coat(model, self.config)
+
+    def create_optimizer(self, params: Iterable[Any], lr: float = 1e-4, **kwargs: Any) -> torch.optim.Optimizer:
+        """``FP8AdamW`` when COAT is enabled, else ``torch.optim.AdamW`` with the same arguments."""
+        if self.config.enabled and (self.config.optimizer.use_fp8_m1 or self.config.optimizer.use_fp8_m2):
+            return FP8AdamW(params, lr=lr, fp8_config=self.config.optimizer, **kwargs)
+        return torch.optim.AdamW(params, lr=lr, **kwargs)

@@ -1,0 +1,74 @@
+"""FP8 matrix multiply: ``torch._scaled_mm`` where the hardware has it, an emulated reference elsewhere.
+
+What: :func:`fp8_mm` computes ``(a * sa) @ (b * sb).T`` for FP8 operands ``a`` (M x K) and
+``b`` (N x K) with per-tensor fp32 scales, returning ``out_dtype``. On CUDA devices of compute
+capability 8.9 or newer (Ada, Hopper, Blackwell), with K and N multiples of 16 and at least one
+E4M3 operand, it calls ``torch._scaled_mm`` (cuBLASLt FP8 tensor cores, fp32 accumulation).
+Everywhere else it dequantizes both operands and multiplies in ``out_dtype``: the same numbers up
+to accumulation order, so CPU tests exercise the same code, and :func:`fp8_mm_reference` is the
+specification the fast path is tested against.
+
+Why ``_scaled_mm`` rather than a Triton ``tl.dot`` kernel (COAT's choice): cuBLAS handles every
+shape and tile size, needs no autotuning and has no boundary bugs of our own; fusing epilogues
+(bias, output quantization) is left to the kernels that need it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemmSupport:
+    """Whether a device can run FP8 tensor-core GEMMs, and why not if it cannot."""
+
+    available: bool
+    reason: str
+
+
+def fp8_gemm_support(device: torch.device | str) -> GemmSupport:
+    """Tell whether ``torch._scaled_mm`` can run on ``device``."""
+    device = torch.device(device)
+    if not hasattr(torch, "float8_e4m3fn"):
+        return GemmSupport(False, f"PyTorch {torch.__version__} has no float8 dtypes")
+    if not hasattr(torch, "_scaled_mm"):
+        return GemmSupport(False, f"PyTorch {torch.__version__} has no torch._scaled_mm")
+    if device.type != "cuda":
+        return GemmSupport(False, f"FP8 GEMMs need a CUDA GPU (device is {device.type})")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return GemmSupport(False, f"FP8 GEMMs need compute capability >= 8.9 (device has {major}.{minor})")
+    return GemmSupport(True, "")
+
+
+def shape_supported(m: int, n: int, k: int) -> bool:
+    """``_scaled_mm`` needs K and N to be multiples of 16 (M is free)."""
+    return k % 16 == 0 and n % 16 == 0 and m > 0
+
+
+def fp8_mm_reference(
+    a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Plain-PyTorch specification: dequantize to fp32, multiply, cast."""
+    return ((a.float() * scale_a) @ (b.float() * scale_b).t()).to(out_dtype)
+
+
+def fp8_mm(
+    a: torch.Tensor,
+    scale_a: torch.Tensor,
+    b: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    use_scaled_mm: bool,
+) -> torch.Tensor:
+    """``(a * scale_a) @ (b * scale_b).T`` with FP8 ``a`` (M x K) and ``b`` (N x K)."""
+    if use_scaled_mm:
+        # _scaled_mm wants the second operand column-major: b is N x K row-major, so b.t() is.
+        return torch._scaled_mm(
+            a.contiguous(), b.contiguous().t(), scale_a=scale_a.float(), scale_b=scale_b.float(),
+            out_dtype=out_dtype,
+        )
+    compute = out_dtype if a.is_cuda else torch.float32
+    return ((a.to(compute) * scale_a.to(compute)) @ (b.to(compute) * scale_b.to(compute)).t()).to(out_dtype)

@@ -1,0 +1,212 @@
+"""FP8 linear layer: FP8 weights, FP8 GEMMs, and only an FP8 copy of the input saved for backward.
+
+What: :class:`FP8Linear` replaces ``nn.Linear``. Forward quantizes the input to E4M3 with one
+scale per tensor and multiplies it with an E4M3 weight; backward quantizes the incoming gradient
+to E5M2 and runs the input-gradient GEMM in FP8 as well; the weight gradient (also FP8) is
+computed only when the weight is trainable. The only activation kept for backward is the FP8
+input -- half of bf16 -- and it is shared with an optional LoRA adapter (``lora_A``/``lora_B``
+passed to ``forward``), whose gradient is computed from the same FP8 copy.
+
+Choices:
+
+* A frozen weight is quantized once at conversion and kept as an FP8 buffer plus one fp32 scale
+  (half the memory of bf16, no per-step re-quantization). A trainable weight stays in high
+  precision and is quantized on every forward and again in backward (COAT's
+  "weight_memory_efficient": no FP8 weight copy lives between the passes).
+* Sibling layers that read the same input tensor (to_q, to_k and to_v; proj_mlp) share one FP8
+  copy through a weak-keyed cache owned by the model's COAT context, so it is stored once.
+* ``linear_granularity: per_group`` stores the input with 1 x G scales; the FP8 GEMM needs one
+  scale along K, so that layer multiplies the dequantized input in the compute dtype.
+* Shapes ``torch._scaled_mm`` cannot take (K or N not a multiple of 16) and devices without FP8
+  tensor cores use the emulated GEMM of :mod:`coatflux.core.gemm`; a layer says so once in the
+  log. The LoRA branch runs in the adapter's dtype (fp32 by default): its GEMMs have rank-sized
+  dimensions, where FP8 would save nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from coatflux.core.config import ActivationConfig
+from coatflux.core.formats import E4M3, E5M2, QuantizedTensor, dequantize, quantize
+from coatflux.core.gemm import fp8_gemm_support, fp8_mm, shape_supported
+
+logger = logging.getLogger(__name__)
+
+
+class InputCache:
+    """Per-model cache of quantized linear inputs, keyed weakly by the input tensor object."""
+
+    def __init__(self) -> None:
+        self._entries: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+    def get(self, x: torch.Tensor, granularity: str, group: int) -> QuantizedTensor:
+        key = (x._version, granularity, group)
+        hit = self._entries.get(x)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        q = quantize_linear_input(x, granularity, group)
+        self._entries[x] = (key, q)
+        return q
+
+
+def quantize_linear_input(x: torch.Tensor, granularity: str, group: int) -> QuantizedTensor:
+    """E4M3 copy of a linear input: one fp32 scale per tensor, or 1 x G power-of-two scales."""
+    if granularity == "per_tensor":
+        return quantize(x.detach(), E4M3, "tensor")
+    return quantize(x.detach(), E4M3, "group", group, pow2_scales=True)
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """Forward, input-gradient and weight-gradient GEMMs in FP8; LoRA on the saved FP8 input."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                layer: FP8Linear, lora_scale: float) -> torch.Tensor:
+        xq = layer.quantized_input(x)
+        w_codes, w_scale = layer.fp8_weight(weight)
+        x2 = x.reshape(-1, layer.in_features)
+        m = x2.shape[0]
+        if xq.granularity == "tensor":
+            use = layer.gemm_uses_fp8(x.device, m, layer.out_features, layer.in_features)
+            y = fp8_mm(xq.data.reshape(m, -1), xq.scale, w_codes, w_scale, x.dtype, use)
+        else:
+            y = dequantize(xq).reshape(m, -1) @ (w_codes.to(x.dtype) * w_scale.to(x.dtype)).t()
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        h = None
+        if lora_A is not None:
+            h = x2.to(lora_A.dtype) @ lora_A.t()
+            y = y + (lora_scale * (h @ lora_B.t())).to(y.dtype)
+        ctx.layer, ctx.lora_scale = layer, lora_scale
+        ctx.x_meta = (xq.granularity, xq.group, xq.shape, x.dtype, xq.pow2)
+        ctx.save_for_backward(xq.data, xq.scale, weight, lora_A, lora_B, h)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_codes, x_scale, weight, lora_A, lora_B, h = ctx.saved_tensors
+        layer: FP8Linear = ctx.layer
+        granularity, group, x_shape, x_dtype, pow2 = ctx.x_meta
+        xq = QuantizedTensor(x_codes, x_scale, E4M3, granularity, group, x_shape, x_dtype, pow2)
+        n, k = layer.out_features, layer.in_features
+        g2 = grad_out.reshape(-1, n)
+        m = g2.shape[0]
+        need_x, need_w, need_b, need_a, need_lb = (ctx.needs_input_grad[i] for i in range(5))
+        grad_x = grad_w = grad_b = grad_a = grad_lb = None
+        gq = quantize(g2, E5M2, "tensor") if (need_x or need_w) else None
+        if need_x:
+            w_codes, w_scale = layer.fp8_weight(weight)
+            use = layer.gemm_uses_fp8(g2.device, m, k, n)
+            grad_x = fp8_mm(gq.data, gq.scale, w_codes.t().contiguous(), w_scale, grad_out.dtype, use)
+        if need_w:
+            if granularity == "tensor":
+                use = layer.gemm_uses_fp8(g2.device, n, k, m)
+                grad_w = fp8_mm(gq.data.t().contiguous(), gq.scale, x_codes.reshape(m, k).t().contiguous(),
+                                x_scale, weight.dtype, use)
+            else:
+                grad_w = (g2.t().float() @ dequantize(xq, torch.float32).reshape(m, k)).to(weight.dtype)
+        if need_b:
+            grad_b = g2.sum(0).to(grad_out.dtype)
+        if lora_A is not None:
+            g_lora = g2.to(lora_A.dtype) * ctx.lora_scale
+            g_h = g_lora @ lora_B
+            if need_x:
+                grad_x = grad_x + (g_h @ lora_A).to(grad_x.dtype)
+            if need_a:
+                grad_a = g_h.t() @ dequantize(xq, lora_A.dtype).reshape(m, k)
+            if need_lb:
+                grad_lb = g_lora.t() @ h
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x_shape)
+        return grad_x, grad_w, grad_b, grad_a, grad_lb, None, None
+
+
+class FP8Linear(nn.Module):
+    """Drop-in ``nn.Linear`` with FP8 GEMMs and an FP8-only saved input.
+
+    Build it with :meth:`from_linear`. ``forward(x, lora_A=None, lora_B=None, lora_scale=1.0)``
+    returns ``x W^T + b + lora_scale * (x A^T) B^T``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: ActivationConfig,
+                 input_cache: InputCache | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        self.input_cache = input_cache
+        self.register_parameter("weight", None)
+        self.bias: nn.Parameter | None = None
+        self.register_buffer("weight_fp8", None)
+        self.register_buffer("weight_scale", None)
+        self._fallback_logged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: ActivationConfig | None = None,
+                    input_cache: InputCache | None = None, trainable: bool | None = None) -> FP8Linear:
+        """Convert ``linear``; its weight becomes an FP8 buffer unless it is ``trainable``."""
+        config = config or ActivationConfig()
+        layer = cls(linear.in_features, linear.out_features, config, input_cache)
+        trainable = linear.weight.requires_grad if trainable is None else trainable
+        if trainable:
+            layer.register_parameter("weight", linear.weight)
+        else:
+            q = quantize(linear.weight.detach(), E4M3, "tensor")
+            layer.weight_fp8, layer.weight_scale = q.data, q.scale
+        layer.bias = linear.bias
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in high precision (dequantized for a frozen FP8 weight; allocates)."""
+        if self._parameters.get("weight") is not None:
+            return self._parameters.get("weight")
+        return self.weight_fp8.to(self.compute_dtype) * self.weight_scale.to(self.compute_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self._parameters.get("weight") is not None:
+            return self._parameters.get("weight").dtype
+        return self.bias.dtype if self.bias is not None else torch.bfloat16
+
+    def fp8_weight(self, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if weight is None:
+            return self.weight_fp8, self.weight_scale
+        q = quantize(weight.detach(), E4M3, "tensor")
+        return q.data, q.scale
+
+    def quantized_input(self, x: torch.Tensor) -> QuantizedTensor:
+        granularity, group = self.config.linear_granularity, self.config.group_size
+        if self.input_cache is not None:
+            return self.input_cache.get(x, granularity, group)
+        return quantize_linear_input(x, granularity, group)
+
+    def gemm_uses_fp8(self, device: torch.device, m: int, n: int, k: int) -> bool:
+        """Whether this GEMM runs on FP8 tensor cores; logs the first fallback of this layer."""
+        if not self.config.fp8_gemm:
+            return False
+        support = fp8_gemm_support(device)
+        if support.available and shape_supported(m, n, k):
+            return True
+        if support.available and not self._fallback_logged:
+            logger.info("FP8Linear(%d -> %d): GEMM of shape %dx%dx%d not supported by torch._scaled_mm; "
+                        "this layer multiplies in %s", self.in_features, self.out_features, m, n, k,
+                        self.compute_dtype)
+            self._fallback_logged = True
+        return False
+
+    def forward(self, x: torch.Tensor, lora_A: torch.Tensor | None = None,
+                lora_B: torch.Tensor | None = None, lora_scale: float = 1.0) -> torch.Tensor:
+        return _FP8LinearFunction.apply(x, self._parameters.get("weight"), self.bias, lora_A, lora_B, self, float(lora_scale))
+
+    def extra_repr(self) -> str:
+        kind = "trainable" if self._parameters.get("weight") is not None else "frozen fp8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight={kind}, input={self.config.linear_granularity}")

@@ -1,0 +1,222 @@
+"""``FP8AdamW``: AdamW whose two moments live in FP8, block-wise, with Dynamic Range Expansion.
+
+What: a ``torch.optim.Optimizer`` with the update of ``torch.optim.AdamW`` (decoupled weight
+decay, bias correction, ``eps`` added to ``sqrt(v_hat)``). Each step dequantizes a parameter's
+moments to fp32, updates them and the parameter in fp32, and quantizes the moments again:
+with DRE (:mod:`coatflux.core.dre`) that is 2.047 bytes of state per parameter instead of 8.
+
+Choices:
+
+* Tensors smaller than ``fp8_config.min_quantized_numel`` (4096) keep fp32 moments: their saving
+  is a few kilobytes, and biases and norm scales are the tensors most sensitive to error.
+* Without DRE, each block gets one absmax scale rounded to a power of two (one ``int8``
+  exponent), the same layout torchao's ``AdamWFp8`` uses but with a 1-byte scale.
+* bf16 (or fp16) parameters are their own master weights: the fp32 update is rounded back with
+  *stochastic* rounding, so updates smaller than half a bf16 ulp still move the weight on
+  average instead of vanishing. The random bits come from a generator seeded by
+  ``(seed, parameter index, step)``, so nothing extra is checkpointed and a resumed run is
+  bit-identical. fp32 parameters are updated exactly as AdamW does (no extra master copy).
+* The state holds only tensors and numbers (FP8 codes, ``uint8``/``int8`` metadata, an fp32
+  ``step``), so ``torch.load(..., weights_only=True)`` loads it; :meth:`load_state_dict` keeps
+  every state tensor's saved dtype, where ``torch.optim.Optimizer`` would cast floating-point
+  state to the parameter's dtype and decode FP8 codes as if they were numbers.
+
+This is the reference implementation (one tensor at a time, plain PyTorch); fused kernels are
+tested against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from coatflux.core.config import FP8QuantizationConfig
+from coatflux.core.dre import DREBlocks, dre_dequantize, dre_quantize
+from coatflux.core.formats import quantize
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+_DRE_FIELDS = ("k_code", "center_exp", "scale_exp")
+
+
+def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    if not (isinstance(lr, float | int) or torch.is_tensor(lr)) or lr < 0:
+        raise ValueError(f"FP8AdamW: invalid learning rate {lr!r}; expected a number >= 0")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"FP8AdamW: invalid betas {betas!r}; expected two numbers in [0, 1)")
+    if eps < 0:
+        raise ValueError(f"FP8AdamW: invalid eps {eps!r}; expected a number >= 0")
+    if weight_decay < 0:
+        raise ValueError(f"FP8AdamW: invalid weight_decay {weight_decay!r}; expected a number >= 0")
+
+
+class FP8AdamW(Optimizer):
+    """AdamW with FP8 (optionally DRE-expanded) first and second moments.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+        fp8_config: formats, block size, DRE and the small-tensor threshold.
+        seed: seeds the stochastic rounding of bf16/fp16 parameters.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        fp8_config: FP8QuantizationConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        _check_hyperparameters(lr, tuple(betas), eps, weight_decay)
+        self.fp8_config = fp8_config or FP8QuantizationConfig()
+        if not isinstance(self.fp8_config, FP8QuantizationConfig):
+            raise TypeError(f"FP8AdamW: fp8_config must be an FP8QuantizationConfig, got {type(fp8_config).__name__}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "seed": seed}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_hyperparameters(group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    raise TypeError(f"FP8AdamW: parameter of dtype {p.dtype} is not floating point")
+
+    # -- state encoding -------------------------------------------------------------------------
+
+    def _quantized(self, p: torch.Tensor, moment: str) -> bool:
+        cfg = self.fp8_config
+        use = cfg.use_fp8_m1 if moment == "exp_avg" else cfg.use_fp8_m2
+        return use and p.numel() >= cfg.min_quantized_numel
+
+    def _format(self, moment: str) -> str:
+        return self.fp8_config.m1_format if moment == "exp_avg" else self.fp8_config.m2_format
+
+    def _encode(self, state: dict[str, Any], moment: str, value: torch.Tensor) -> None:
+        cfg = self.fp8_config
+        fmt = self._format(moment)
+        if cfg.use_dynamic_range_expansion:
+            enc = dre_quantize(value, fmt, cfg.block_size)
+            state[moment] = enc.codes
+            for name in _DRE_FIELDS:
+                state[f"{moment}_{name}"] = getattr(enc, name)
+        else:
+            q = quantize(value, fmt, "block", cfg.block_size, pow2_scales=True)
+            state[moment] = q.data
+            state[f"{moment}_scale_exp"] = q.scale
+
+    def _decode(self, state: dict[str, Any], moment: str) -> torch.Tensor:
+        cfg = self.fp8_config
+        codes = state[moment]
+        if not codes.dtype.is_floating_point or codes.element_size() != 1:
+            return codes  # full-precision moment of a small tensor
+        if cfg.use_dynamic_range_expansion:
+            enc = DREBlocks(codes, *(state[f"{moment}_{name}"] for name in _DRE_FIELDS))
+            return dre_dequantize(enc, cfg.block_size)
+        scale = torch.exp2(state[f"{moment}_scale_exp"].float()).reshape(-1)
+        flat = codes.reshape(-1).float()
+        pad = (-flat.numel()) % cfg.block_size
+        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, cfg.block_size) * scale[:, None]
+        return blocks.reshape(-1)[: codes.numel()].reshape(codes.shape)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        zeros = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        for moment in _MOMENTS:
+            if self._quantized(p, moment):
+                self._encode(state, moment, zeros)
+            else:
+                state[moment] = zeros.clone()
+
+    # -- the update -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one optimization step (``closure`` re-evaluates the loss, as in torch.optim)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FP8AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                self._update(p, state, group, index)
+        return loss
+
+    def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        state["step"] += 1
+        step = int(state["step"].item())
+        grad = p.grad.float()
+        exp_avg = self._decode(state, "exp_avg").float()
+        exp_avg_sq = self._decode(state, "exp_avg_sq").float()
+
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+
+        master = p.float() if p.dtype != torch.float32 else p
+        master.mul_(1 - lr * wd)
+        master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if master is not p:
+            p.copy_(_stochastic_round(master, p.dtype, _rounding_seed(group["seed"], index, step)))
+
+        for moment, value in zip(_MOMENTS, (exp_avg, exp_avg_sq), strict=True):
+            if self._quantized(p, moment):
+                self._encode(state, moment, value)
+            else:
+                state[moment] = value
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as ``torch.optim.Optimizer`` does, but keep each state tensor's saved dtype."""
+        saved_states = state_dict["state"]
+        saved_groups = state_dict["param_groups"]
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
+            for param_id, p in zip(saved_group["params"], group["params"], strict=True):
+                if param_id not in saved_states:
+                    continue
+                for key, value in saved_states[param_id].items():
+                    if torch.is_tensor(value) and key != "step":
+                        self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer state (codes, metadata and full-precision moments)."""
+        total = 0
+        for state in self.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and key != "step":
+                    total += value.numel() * value.element_size()
+        return total
+
+
+def _rounding_seed(seed: int, index: int, step: int) -> int:
+    # A fixed odd-multiplier mix keeps seeds distinct across parameters and steps.
+    return (seed * 1_000_003 + index * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+def _stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Round fp32 ``x`` to bf16/fp16 stochastically (unbiased), with bits from ``seed``."""
+    if dtype == torch.bfloat16:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        noise = torch.randint(0, 1 << 16, x.shape, generator=gen, device=x.device, dtype=torch.int32)
+        bits = x.contiguous().view(torch.int32)
+        # Adding 16 random low bits then truncating rounds up with probability = the
+        # discarded fraction; skip non-finite values, whose bit patterns must not change.
+        rounded = ((bits + noise) & ~0xFFFF).view(torch.float32)
+        return torch.where(torch.isfinite(x), rounded, x).to(dtype)
+    return x.to(dtype)
+

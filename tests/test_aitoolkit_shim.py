@@ -1,0 +1,350 @@
+"""Unit tests of the ai-toolkit extension that need no ai-toolkit checkout.
+
+The fakes below reproduce only the interfaces read from ostris/ai-toolkit at commit
+27a03a91f23eb1b757d5ec2e80ee3e129cfcc350 (main, 2026-08-21, version 0.12.26):
+``toolkit/extension.py`` (``Extension`` with ``uid``/``name``/``get_process()``, every package in
+``extensions/`` imported), ``BaseSDTrainProcess.__init__(process_id, job, config, **kwargs)`` with
+``train_config.optimizer``/``optimizer_params`` and ``hook_add_extra_train_params(params)``, the
+module-level ``get_optimizer(params, optimizer_type, learning_rate, optimizer_params)``, and
+``LoRAModule.apply_to`` (``org_forward = base.forward; base.forward = lora.forward``). They are written
+from those observations; no ai-toolkit code is copied. ``tests/test_aitoolkit_integration.py`` checks
+the same things against a real checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from coatflux.core.config import COATConfig, ConfigError, FP8QuantizationConfig
+from coatflux.integrations.aitoolkit import optimizer_patch, processes
+from coatflux.integrations.aitoolkit.install import (
+    MANIFEST_NAME,
+    AIToolkitPathError,
+    ForeignExtensionError,
+    install,
+    uninstall,
+)
+
+FAKE_EXTENSION_PY = '''
+import importlib, os, pkgutil
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+class Extension:
+    name = None
+    uid = None
+    @classmethod
+    def get_process(cls):
+        pass
+def get_all_extensions_process_dict():
+    found = {}
+    for (_, name, _) in pkgutil.iter_modules([os.path.join(ROOT, "extensions")]):
+        module = importlib.import_module(f"extensions.{name}")
+        for ext in getattr(module, "AI_TOOLKIT_EXTENSIONS", None) or []:
+            found[ext.uid] = ext.get_process()
+    return found
+'''
+
+
+@pytest.fixture
+def fake_aitk(tmp_path: Path) -> Path:
+    root = tmp_path / "ai-toolkit"
+    (root / "toolkit").mkdir(parents=True)
+    (root / "extensions").mkdir()
+    (root / "run.py").write_text("# fake\n")
+    (root / "toolkit" / "__init__.py").write_text("")
+    (root / "toolkit" / "extension.py").write_text(FAKE_EXTENSION_PY)
+    return root
+
+
+# -- install / uninstall --------------------------------------------------------------------------
+
+
+def test_install_writes_shim_and_manifest(fake_aitk: Path) -> None:
+    target = install(fake_aitk)
+    assert target == fake_aitk / "extensions" / "coatflux"
+    assert "AI_TOOLKIT_EXTENSIONS" in (target / "__init__.py").read_text()
+    manifest = json.loads((target / MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) == {"__init__.py", MANIFEST_NAME}
+
+
+def test_install_refuses_a_path_that_is_not_ai_toolkit(tmp_path: Path) -> None:
+    (tmp_path / "toolkit").mkdir()
+    with pytest.raises(AIToolkitPathError, match=r"missing run\.py, extensions"):
+        install(tmp_path)
+
+
+def test_foreign_folder_needs_force(fake_aitk: Path) -> None:
+    foreign = fake_aitk / "extensions" / "coatflux"
+    foreign.mkdir()
+    (foreign / "__init__.py").write_text("MINE = 1\n")
+    with pytest.raises(ForeignExtensionError, match="--force"):
+        install(fake_aitk)
+    assert (foreign / "__init__.py").read_text() == "MINE = 1\n"
+    with pytest.raises(ForeignExtensionError):
+        uninstall(fake_aitk)
+    install(fake_aitk, force=True)
+    assert "AI_TOOLKIT_EXTENSIONS" in (foreign / "__init__.py").read_text()
+
+
+def test_reinstall_upgrades_and_uninstall_removes_only_ours(fake_aitk: Path) -> None:
+    target = install(fake_aitk)
+    (target / "__init__.py").write_text("old shim\n")
+    install(fake_aitk)  # our own manifest is there: upgrade without force
+    assert "AI_TOOLKIT_EXTENSIONS" in (target / "__init__.py").read_text()
+    (target / "__pycache__").mkdir()
+    (target / "notes.txt").write_text("user file")
+    uninstall(fake_aitk)
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    (target / "notes.txt").unlink()
+    install(fake_aitk)
+    uninstall(fake_aitk)
+    assert not target.exists()
+    uninstall(fake_aitk)  # nothing there: no error
+
+
+# -- the shim inside a (fake) ai-toolkit, coatflux missing or broken ------------------------------
+
+
+def _run_in_fake_aitk(root: Path, code: str, extra_path: list[Path]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in [*extra_path, root]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_shim_without_coatflux_registers_nothing_and_warns(fake_aitk: Path) -> None:
+    install(fake_aitk)
+    result = _run_in_fake_aitk(fake_aitk, """
+        import sys
+        sys.modules["coatflux"] = None  # as if not installed in ai-toolkit's environment
+        from toolkit.extension import get_all_extensions_process_dict
+        import extensions.coatflux as shim
+        assert shim.AI_TOOLKIT_EXTENSIONS == [], shim.AI_TOOLKIT_EXTENSIONS
+        print("processes", sorted(get_all_extensions_process_dict()))
+    """, [])
+    assert result.returncode == 0, result.stderr
+    assert "processes []" in result.stdout
+    assert "not importable" in result.stderr
+
+
+def test_shim_with_broken_coatflux_fails_only_coat_jobs(fake_aitk: Path, tmp_path: Path) -> None:
+    install(fake_aitk)
+    broken = tmp_path / "broken"
+    (broken / "coatflux").mkdir(parents=True)
+    (broken / "coatflux" / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    other = fake_aitk / "extensions" / "other"
+    other.mkdir()
+    (other / "__init__.py").write_text(textwrap.dedent("""
+        from toolkit.extension import Extension
+        class Other(Extension):
+            uid = "other"
+            @classmethod
+            def get_process(cls):
+                return dict
+        AI_TOOLKIT_EXTENSIONS = [Other]
+    """))
+    result = _run_in_fake_aitk(fake_aitk, """
+        from toolkit.extension import get_all_extensions_process_dict
+        procs = get_all_extensions_process_dict()
+        print("processes", sorted(procs))
+        assert procs["other"] is dict
+        try:
+            procs["coat_sd_trainer"](0, None, {})
+        except RuntimeError as e:
+            print("coat error:", e)
+    """, [broken])
+    assert result.returncode == 0, result.stderr
+    assert "processes ['coat_diffusion_trainer', 'coat_sd_trainer', 'other']" in result.stdout
+    assert "broken on purpose" in result.stdout
+
+
+# -- the optimizer factory patch ------------------------------------------------------------------
+
+
+def _fake_training_module() -> types.ModuleType:
+    module = types.ModuleType("jobs.process.BaseSDTrainProcess")
+
+    def get_optimizer(params, optimizer_type="adam", learning_rate=1e-6, optimizer_params=None):
+        if optimizer_type != "adamw":
+            raise ValueError(f"Unknown optimizer type {optimizer_type}")
+        return torch.optim.AdamW(params, lr=learning_rate, **(optimizer_params or {}))
+
+    module.get_optimizer = get_optimizer
+    return module
+
+
+def test_patch_is_idempotent_and_delegates_other_names() -> None:
+    module = _fake_training_module()
+    original = module.get_optimizer
+    assert optimizer_patch.install_optimizer_factory(module) is True
+    assert optimizer_patch.install_optimizer_factory(module) is False
+    assert module.get_optimizer.__coatflux_original__ is original
+    p = nn.Parameter(torch.zeros(3))
+    assert isinstance(module.get_optimizer([p], "adamw", learning_rate=1e-3), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        module.get_optimizer([p], "nope", learning_rate=1e-3)
+
+
+def test_coat_name_builds_fp8_adamw_whose_state_reloads_weights_only(tmp_path: Path) -> None:
+    optim = pytest.importorskip("coatflux.core.optim", reason="coatflux.core.optim not written yet")
+    module = _fake_training_module()
+    optimizer_patch.install_optimizer_factory(module)
+    p = nn.Parameter(torch.randn(64, 128))
+    params = [{"params": [p], "lr": 1e-3}]
+    opt = module.get_optimizer(params, "COAT_FP8_ADAMW", learning_rate=1e-3,
+                               optimizer_params={"weight_decay": 1e-4, "fp8": {"m2_format": "e5m2"}})
+    assert isinstance(opt, optim.FP8AdamW)
+    assert opt.fp8_config.m2_format == "e5m2"
+    p.grad = torch.randn_like(p)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    fresh = module.get_optimizer([{"params": [p], "lr": 1e-3}], "coat_fp8_adamw", learning_rate=1e-3)
+    fresh.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    with pytest.raises(ConfigError, match=r"train\.optimizer_params\.betz"):
+        module.get_optimizer(params, "coat_fp8_adamw", 1e-3, {"betz": (0.9, 0.99)})
+
+
+# -- the process classes against a fake SDTrainer -------------------------------------------------
+
+
+class FakeLoRAModule(nn.Module):
+    """Mirrors LoRAModule.apply_to / ToolkitModuleMixin.forward's contract (org_forward + LoRA branch)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_up.weight)
+        self.org_module = [base]
+
+    def apply_to(self) -> None:
+        self.org_forward = self.org_module[0].forward
+        self.org_module[0].forward = self.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.org_forward(x) + self.lora_up(self.lora_down(x.float())).to(x.dtype)
+
+
+FakeLoRAModule.__name__ = "LoRAModule"
+
+
+class FakeNetwork:
+    def __init__(self, transformer: nn.Module) -> None:
+        self.unet_loras = [FakeLoRAModule(m) for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+        for lora in self.unet_loras:
+            lora.apply_to()
+        self.can_merge_in = True
+
+
+def _transformer() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Sequential(nn.Linear(16, 8)))
+
+
+class FakeSDTrainer:
+    """The slice of BaseSDTrainProcess/SDTrainer the mixin touches."""
+
+    def __init__(self, process_id, job, config, **kwargs):
+        train = config.get("train", {})
+        self.train_config = types.SimpleNamespace(optimizer=train.get("optimizer", "adamw"),
+                                                  optimizer_params=train.get("optimizer_params", {}))
+        self.model_config = types.SimpleNamespace(quantize=False, low_vram=False, layer_offloading=False)
+        self.device_torch = torch.device("cpu")
+        self.sd = types.SimpleNamespace(unet=_transformer())
+        self.network = FakeNetwork(self.sd.unet)
+        self.hook_calls: list[str] = []
+
+    def hook_add_extra_train_params(self, params):
+        self.hook_calls.append("base")
+        return params
+
+
+class FakeDiffusionTrainer(FakeSDTrainer):
+    def hook_add_extra_train_params(self, params):
+        self.hook_calls.append("ui")
+        return super().hook_add_extra_train_params(params)
+
+
+@pytest.fixture
+def patched_training_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    module = _fake_training_module()
+    monkeypatch.setitem(sys.modules, optimizer_patch.PATCH_TARGET, module)
+    return module
+
+
+def _identity_converter(linear: nn.Linear) -> nn.Module:
+    copy = nn.Linear(linear.in_features, linear.out_features)
+    copy.load_state_dict(linear.state_dict())
+    copy.requires_grad_(False)
+    copy.converted_by_test = True
+    return copy
+
+
+def test_process_class_reads_coat_block_and_routes_optimizer(patched_training_module, monkeypatch) -> None:
+    monkeypatch.setattr(processes, "coat_linear_converter", lambda transformer, config: _identity_converter)
+    cls = processes.make_coat_process_class(FakeDiffusionTrainer, "COATDiffusionTrainer")
+    config = {"train": {"optimizer": "coat_fp8_adamw"},
+              "coat": {"optimizer": {"m1_format": "e5m2"}, "include": ["2."]}}
+    proc = cls(0, None, config)
+    assert isinstance(proc.coat_config, COATConfig)
+    assert hasattr(patched_training_module.get_optimizer, "__coatflux_original__")
+    proc.hook_add_extra_train_params([])
+    assert proc.hook_calls == ["ui", "base"]  # the UI trainer's own hook still runs
+    fp8 = proc.train_config.optimizer_params["fp8"]
+    assert isinstance(fp8, FP8QuantizationConfig) and fp8.m1_format == "e5m2"
+    assert len(proc.coat_fp8_bases) == 1  # include ["2."] selects the nested linear "2.0" only
+
+
+def test_process_class_rejects_bad_coat_block_with_its_path(patched_training_module) -> None:
+    cls = processes.make_coat_process_class(FakeSDTrainer, "COATSDTrainer")
+    with pytest.raises(ConfigError, match=r"config\.process\[0\]\.coat\.optimizr"):
+        cls(0, None, {"coat": {"optimizr": {}}})
+
+
+def test_compose_keeps_lora_output_and_gradients() -> None:
+    transformer = _transformer()
+    network = FakeNetwork(transformer)
+    x = torch.randn(4, 8)
+    before = transformer(x)
+    report = processes.compose_fp8_bases(network, transformer, COATConfig(), convert=_identity_converter)
+    assert report.converted == ["0", "2.0"] and network.can_merge_in is False
+    assert transformer[0].weight is None  # high-precision copy released
+    after = transformer(x)
+    torch.testing.assert_close(after, before)
+    after.sum().backward()
+    assert network.unet_loras[0].lora_down.weight.grad is not None
+
+
+def test_compose_honours_exclude_and_skips_other_lora_kinds() -> None:
+    transformer = _transformer()
+    network = FakeNetwork(transformer)
+    network.unet_loras[1].__class__ = type("LokrModule", (FakeLoRAModule,), {})
+    report = processes.compose_fp8_bases(network, transformer, COATConfig(exclude=("nothing",)),
+                                         convert=_identity_converter)
+    assert report.converted == ["0"] and "2.0" in report.skipped
+    report = processes.compose_fp8_bases(FakeNetwork(t := _transformer()), t, COATConfig(exclude=("2.",)),
+                                         convert=_identity_converter)
+    assert report.converted == ["0"]
+
+
+def test_compose_with_real_coat_linear() -> None:
+    pytest.importorskip("coatflux.core.api", reason="coatflux.core.api (apply_coat) not written yet")
+    transformer = _transformer()
+    network = FakeNetwork(transformer)
+    x = torch.randn(4, 8)
+    before = transformer(x)
+    processes.compose_fp8_bases(network, transformer, COATConfig())
+    assert transformer.coat_context.converted == []  # bases converted by us, under the LoRA
+    after = transformer(x)
+    after.sum().backward()
+    assert network.unet_loras[0].lora_down.weight.grad is not None
+    assert after.shape == before.shape
+    assert (after - before).abs().max() < 0.25 * before.abs().max()  # FP8 error, not a different function

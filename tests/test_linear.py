@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+from coatflux.core.config import ActivationConfig
+from coatflux.core.formats import E4M3, E5M2, quantize, sqnr_db
+from coatflux.core.gemm import fp8_gemm_support, fp8_mm, fp8_mm_reference
+from coatflux.core.linear import FP8Linear, InputCache
+
+CUDA_FP8 = torch.cuda.is_available() and fp8_gemm_support("cuda").available
+
+
+def _pair(trainable: bool, bias: bool = True, k: int = 64, n: int = 48):
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(k, n, bias=bias)
+    ref.weight.requires_grad_(trainable)
+    layer_src = torch.nn.Linear(k, n, bias=bias)
+    layer_src.load_state_dict(ref.state_dict())
+    layer_src.weight.requires_grad_(trainable)
+    layer = FP8Linear.from_linear(layer_src, ActivationConfig())
+    return ref, layer
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_matches_nn_linear_forward_and_backward(trainable):
+    ref, layer = _pair(trainable)
+    x = torch.randn(4, 10, 64)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_ref, y = ref(x1), layer(x2)
+    assert sqnr_db(y_ref, y) > 20
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    y.backward(g)
+    assert sqnr_db(x1.grad, x2.grad) > 15
+    assert sqnr_db(ref.bias.grad, layer.bias.grad) > 40
+    if trainable:
+        assert sqnr_db(ref.weight.grad, layer.weight.grad) > 15
+    else:
+        assert layer.weight_fp8.dtype == torch.float8_e4m3fn
+        assert "weight" not in dict(layer.named_parameters())
+
+
+def test_frozen_weight_is_stored_once_in_fp8():
+    _, layer = _pair(trainable=False)
+    assert layer.weight_fp8.element_size() == 1 and layer.weight_scale.numel() == 1
+    w = layer.weight
+    assert w.shape == (48, 64)
+
+
+def test_only_the_fp8_input_is_saved_for_backward():
+    _, layer = _pair(trainable=False, bias=False)
+    x = torch.randn(32, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    activations = [t for t in saved if t is not None and t.numel() == x.numel()]
+    assert len(activations) == 1 and activations[0].dtype == torch.float8_e4m3fn
+
+
+def test_lora_on_fp8_base_matches_reference():
+    ref, layer = _pair(trainable=False)
+    rank, scale = 4, 0.5
+    a = torch.randn(rank, 64, requires_grad=True)
+    b = torch.randn(48, rank, requires_grad=True)
+    a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    x = torch.randn(3, 7, 64)
+    y_ref = ref(x) + scale * (x @ a.t()) @ b.t()
+    y = layer(x, a2, b2, scale)
+    assert sqnr_db(y_ref, y) > 20
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    y.backward(g)
+    assert sqnr_db(a.grad, a2.grad) > 20
+    assert sqnr_db(b.grad, b2.grad) > 25
+
+
+def test_siblings_share_one_fp8_input():
+    cache = InputCache()
+    layers = [FP8Linear.from_linear(torch.nn.Linear(64, 64).requires_grad_(False), ActivationConfig(), cache)
+              for _ in range(3)]
+    x = torch.randn(16, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        for layer in layers:
+            layer(x)
+    fp8 = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.float8_e4m3fn and t.numel() == x.numel()}
+    assert len(fp8) == 1
+
+
+def test_per_group_linear_granularity():
+    ref, _ = _pair(trainable=True)
+    src = torch.nn.Linear(64, 48)
+    src.load_state_dict(ref.state_dict())
+    layer = FP8Linear.from_linear(src, ActivationConfig(linear_granularity="per_group", group_size=16))
+    x = torch.randn(5, 64)
+    assert sqnr_db(ref(x), layer(x)) > 20
+
+
+def test_emulated_gemm_equals_reference_exactly():
+    a = quantize(torch.randn(33, 64), E4M3, "tensor")
+    b = quantize(torch.randn(48, 64), E4M3, "tensor")
+    out = fp8_mm(a.data, a.scale, b.data, b.scale, torch.float32, use_scaled_mm=False)
+    assert torch.equal(out, fp8_mm_reference(a.data, a.scale, b.data, b.scale, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
+@pytest.mark.parametrize("fmt_a", [E4M3, E5M2])
+def test_scaled_mm_matches_reference_on_gpu(fmt_a):
+    torch.manual_seed(0)
+    a = quantize(torch.randn(1000, 256, device="cuda"), fmt_a, "tensor")
+    b = quantize(torch.randn(512, 256, device="cuda"), E4M3, "tensor")
+    fast = fp8_mm(a.data, a.scale, b.data, b.scale, torch.bfloat16, use_scaled_mm=True)
+    ref = fp8_mm_reference(a.data, a.scale, b.data, b.scale, torch.float32)
+    assert sqnr_db(ref, fast.float()) > 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
+def test_fp8_linear_on_gpu_matches_cpu_emulation():
+    torch.manual_seed(0)
+    src = torch.nn.Linear(256, 512, bias=True).to(torch.bfloat16)
+    src.weight.requires_grad_(False)
+    x = torch.randn(4, 300, 256, dtype=torch.bfloat16)
+    cpu = FP8Linear.from_linear(src, ActivationConfig())
+    gpu = FP8Linear.from_linear(src.cuda(), ActivationConfig())
+    xc, xg = x.clone().requires_grad_(True), x.cuda().requires_grad_(True)
+    yc, yg = cpu(xc), gpu(xg)
+    assert sqnr_db(yc.float(), yg.float().cpu()) > 30
+    g = torch.randn_like(yc)
+    yc.backward(g)
+    yg.backward(g.cuda())
+    assert sqnr_db(xc.grad.float(), xg.grad.float().cpu()) > 25
