@@ -176,8 +176,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 20 log10(||ref|| / ||ref - approx||)."""
-    ref = reference.double()
-    noise = (ref - approx.double()).norm()
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).norm()
     signal = ref.norm()
     if noise == 0:
         return math.inf
