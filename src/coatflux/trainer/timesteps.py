@@ -68,7 +68,7 @@ def noisy_latents(
     """
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
     noise = noise.to(latents.device)
     x0 = latents.float()
     s = sigmas.to(latents.device).view(-1, 1, 1, 1)
