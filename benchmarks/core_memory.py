@@ -109,7 +109,7 @@ def _run_block(block, inputs):
     return torch.cat(out, dim=1) if isinstance(out, tuple) else out, hidden
 
 
-def block_table(tokens: int, text_tokens: int) -> list[list[str]]:
+def block_table(tokens: int, text_tokens: int, device: str = "cpu") -> list[list[str]]:
     from diffusers.models.transformers.transformer_flux import (
         FluxSingleTransformerBlock,
         FluxTransformerBlock,
@@ -118,13 +118,13 @@ def block_table(tokens: int, text_tokens: int) -> list[list[str]]:
     rows = [["block", "bf16 saved MiB", "COAT saved MiB", "ratio", "output SQNR dB", "input-grad SQNR dB"]]
     for name, cls in (("double", FluxTransformerBlock), ("single", FluxSingleTransformerBlock)):
         torch.manual_seed(0)
-        ref = cls(3072, 24, 128).to(torch.bfloat16)
+        ref = cls(3072, 24, 128).to(device=device, dtype=torch.bfloat16)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             coat = apply_coat(copy.deepcopy(ref), COATConfig())
-        inputs = (torch.randn(1, tokens, 3072, dtype=torch.bfloat16),
-                  torch.randn(1, text_tokens, 3072, dtype=torch.bfloat16),
-                  torch.randn(1, 3072, dtype=torch.bfloat16))
+        inputs = (torch.randn(1, tokens, 3072, dtype=torch.bfloat16, device=device),
+                  torch.randn(1, text_tokens, 3072, dtype=torch.bfloat16, device=device),
+                  torch.randn(1, 3072, dtype=torch.bfloat16, device=device))
         base = saved_activation_bytes(ref, lambda block=ref, x=inputs: _run_block(block, x)[0])
         ours = saved_activation_bytes(coat, lambda block=coat, x=inputs: _run_block(block, x)[0])
         y0, h0 = _run_block(ref, inputs)
@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="image tokens (1024 at 512x512, 4096 at 1024x1024)")
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--skip-blocks", action="store_true", help="skip the FLUX block table (slow on CPU)")
+    parser.add_argument("--device", default="cpu", help="device for the FLUX block table (cpu or cuda)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print_table("Optimizer state, bytes per parameter (4M-element tensor, after one step)",
@@ -159,9 +160,9 @@ def main() -> None:
     print_table("MSE of m/sqrt(v), moments of a real AdamW run (200 steps, 128x512 MLP layer), block 128",
                 moment_error_table())
     if not args.skip_blocks:
-        print_table(f"Saved for backward by one FLUX block at width 3072 ({args.tokens} image + "
+        print_table(f"Saved for backward by one FLUX block at width 3072 on {args.device} ({args.tokens} image + "
                     f"{args.text_tokens} text tokens, batch 1, all linears trainable)",
-                    block_table(args.tokens, args.text_tokens))
+                    block_table(args.tokens, args.text_tokens, args.device))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+"""``python -m coatflux.bench``: the bench subcommand alone (the other subcommands are not imported)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from coatflux.bench.cli import add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coatflux.bench", description="benchmark FLUX LoRA steps")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
