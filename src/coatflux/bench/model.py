@@ -79,7 +79,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "flux-dev": Preset("flux-dev", FLUX_DEV_CONFIG, 512, (512, 1024),
                        notes="FLUX.1-dev architecture (19 double + 38 single blocks, hidden 3072), random weights"),
-    "tiny": Preset("tiny", TINY_CONFIG, 16, (64, 128), max_batch_cap=4,
+    "tiny": Preset("tiny", TINY_CONFIG, 8, (32, 64), max_batch_cap=4,
                    notes="2 double + 2 single blocks, hidden 64: exercises the code on a CPU, not a performance figure"),
 }
 

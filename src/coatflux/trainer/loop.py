@@ -56,6 +56,7 @@ from coatflux.flux.lora import (
     lora_metadata,
     lora_parameters,
     lora_state_dict,
+    read_lora,
     save_lora,
 )
 from coatflux.flux.packing import pack_latents, prepare_latent_image_ids, prepare_text_ids, unpack_latents
@@ -125,12 +126,14 @@ def train(cfg: TrainJobConfig, *, overwrite: bool = False, device: str | torch.d
     caches.release_encoders(keep_vae=sampler is not None or not caches.all_latents_cached)
     # 3. FP8/COAT, then LoRA, then device.
     block_copies = _block_copies(components.transformer)
-    _prepare_transformer(components.transformer, cfg, device)
+    _prepare_transformer(components.transformer, cfg, device, state.seed)
     params = lora_parameters(components.transformer)
     optimizer = build_optimizer(params, cfg.train, cfg.coat)
     scheduler = build_lr_scheduler(optimizer, cfg.train)
     ema = LoRAEMA(params, cfg.train.ema_config.ema_decay) if cfg.train.ema_config.use_ema else None
     generator = torch.Generator().manual_seed(state.seed)
+    if cfg.network.pretrained_lora_path and checkpoint is None:
+        load_lora_state_dict(components.transformer, read_lora(cfg.network.pretrained_lora_path)[0])
     if checkpoint is not None:
         _restore(checkpoint, components.transformer, optimizer, scheduler, ema, generator)
         print(f"Resuming {cfg.name} from {paths.checkpoint} at step {state.step} "
@@ -223,11 +226,14 @@ class _Caches:
             self.latents([item])
         if self.text is not None:
             captions = list(dict.fromkeys(i.caption for b in plan for i in b))
-            for start in tqdm(range(0, len(captions), 8), desc="caching text embeddings", leave=False):
-                self.text.embeddings(captions[start:start + 8], self._encode_text)
+            for caption in tqdm(captions, desc="caching text embeddings", leave=False):
+                self.text.embeddings([caption], self._encode_text)
 
     def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        return encode_prompts(self.components, captions, self.device, self.dtype)
+        # One caption per encoder call: padded batches of different makeup round differently,
+        # and a resumed run must see the very same embeddings as an uninterrupted one.
+        encoded = [encode_prompts(self.components, [c], self.device, self.dtype) for c in captions]
+        return {name: torch.cat([e[name] for e in encoded]) for name in encoded[0]}
 
     def _encode_item(self, item: Item, key: str) -> torch.Tensor:
         pixels = TrainingData.load_pixels([item])
@@ -280,7 +286,7 @@ def _coat_on(cfg: TrainJobConfig) -> bool:
     return cfg.coat.enabled and cfg.coat.activation.use_fp8
 
 
-def _prepare_transformer(transformer: nn.Module, cfg: TrainJobConfig, device: torch.device) -> None:
+def _prepare_transformer(transformer: nn.Module, cfg: TrainJobConfig, device: torch.device, seed: int) -> None:
     """Freeze, convert to FP8 (COAT or ``model.quantize``), inject LoRA, move to ``device``."""
     from coatflux.core.api import apply_coat, replace_linear_with_fp8
 
@@ -296,7 +302,11 @@ def _prepare_transformer(transformer: nn.Module, cfg: TrainJobConfig, device: to
         replace_linear_with_fp8(transformer, replace(cfg.coat, enabled=True, include=BLOCKS))
     kwargs = cfg.network.network_kwargs
     targets = find_lora_targets(transformer, kwargs.only_if_contains, kwargs.ignore_if_contains)
-    inject_lora(transformer, cfg.network.linear, cfg.network.alpha, targets, dtype=torch.float32)
+    # LoRA A is initialized randomly: seed it so the same training_seed gives the same run,
+    # without touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_lora(transformer, cfg.network.linear, cfg.network.alpha, targets, dtype=torch.float32)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.to(device)
@@ -307,6 +317,10 @@ def _restore(checkpoint: dict[str, Any], transformer: nn.Module, optimizer, sche
     load_lora_state_dict(transformer, checkpoint["lora"], folded=False)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    # The schedule is a function of train.steps, which a resume usually raises: recompute the
+    # current lr from this run's schedule instead of keeping the one the old schedule left.
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
     if ema is not None and checkpoint.get("ema") is not None:
         ema.load_state_dict(checkpoint["ema"])
     restore_rng(checkpoint["rng"], generator)

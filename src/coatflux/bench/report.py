@@ -1,0 +1,196 @@
+"""Results: one row per measured cell, the derived columns, and the console / JSON / markdown outputs.
+
+Every figure in the outputs comes from a measurement of this run; a cell that was not measured
+says why (an error, out of memory, a missing package, the time budget) instead of carrying a
+number. The markdown is written whole by the program -- docs/benchmarks.md is its output, never
+edited by hand -- with the card, driver, torch version, date and command line that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coatflux.bench.measure import MatmulRates
+from coatflux.bench.model import StepFlops
+
+
+@dataclass
+class Row:
+    """One measured (or unmeasured) cell: a config at a resolution and batch size."""
+
+    config: str
+    resolution: int
+    batch: int | None
+    kind: str  # "batch 1" or "max batch"
+    status: str = "ok"  # ok | error | oom | skipped | not installed
+    step_s: float | None = None
+    optimizer_s: float | None = None
+    steps: int = 0
+    peak_gb: float | None = None
+    max_batch: str | None = None
+    flops: float | None = None
+    floor_bf16: float | None = None  # compute floor at the bf16 rate / step time
+    floor_fp8: float | None = None  # compute floor with linears at the FP8 rate / step time
+    speedup: float | None = None  # samples/s relative to bf16 at batch 1, same resolution
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """Everything one run produced."""
+
+    environment: dict[str, Any]
+    rates: MatmulRates | None
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def derive(self, flops: dict[int, StepFlops]) -> None:
+        """Fill the floor fractions and speed-ups from the measured times and the FLOP counts."""
+        base = {r.resolution: r for r in self.rows if r.config == "bf16" and r.batch == 1 and r.step_s}
+        for row in self.rows:
+            if not row.step_s or not row.batch or row.resolution not in flops:
+                continue
+            f = flops[row.resolution].scaled(row.batch)
+            row.flops = f.total
+            if self.rates and self.rates.bf16:
+                row.floor_bf16 = f.total / self.rates.bf16 / row.step_s
+                fp8_rate = self.rates.fp8 or self.rates.bf16
+                row.floor_fp8 = (f.linear / fp8_rate + f.attention / self.rates.bf16) / row.step_s
+            ref = base.get(row.resolution)
+            if ref is not None:
+                row.speedup = (row.batch / row.step_s) / (1 / ref.step_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"environment": self.environment, "rates": asdict(self.rates) if self.rates else None,
+                "rows": [asdict(r) for r in self.rows], "notes": self.notes}
+
+
+def environment(device: torch.device, preset: str, argv: list[str]) -> dict[str, Any]:
+    """Card, driver, versions, date and command line of this run."""
+    env: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": str(device),
+        "preset": preset,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": shlex.join(argv),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["card"] = props.name
+        env["memory_gb"] = round(props.total_memory / 2**30, 1)
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        env["driver"] = _nvidia_driver()
+    else:
+        env["card"] = f"CPU: {platform.processor() or platform.machine()}"
+        env["driver"] = None
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def _num(value: float | None, fmt: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+HEADER = ("| config | res | batch | step s (median, n) | optimizer s | peak GiB | max batch | "
+          "floor/step bf16 · FP8 | samples/s vs bf16 | note |")
+
+
+def table(rows: list[Row]) -> str:
+    """The results as one markdown table."""
+    lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
+    for r in rows:
+        step = r.status if r.status != "ok" else f"{_num(r.step_s, '.3f')} (n={r.steps})"
+        lines.append(
+            f"| {r.config} | {r.resolution} | {r.batch if r.batch is not None else '-'} | {step} | "
+            f"{_num(r.optimizer_s, '.3f', '-')} | {_num(r.peak_gb, '.1f')} | {r.max_batch or '-'} | "
+            f"{_pct(r.floor_bf16)} · {_pct(r.floor_fp8)} | {_num(r.speedup, '.2f', '-')}x | "
+            f"{r.note.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def _rates_line(rates: MatmulRates | None) -> str:
+    if rates is None:
+        return "not measured"
+    fp8 = f"{rates.fp8 / 1e12:.3g} TFLOP/s" if rates.fp8 else (rates.fp8_note or "unavailable")
+    return f"bf16 {_num(rates.bf16 and rates.bf16 / 1e12, '.3g')} TFLOP/s, FP8 (E4M3 _scaled_mm) {fp8} " \
+           f"({rates.size}^3 GEMMs)"
+
+
+def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
+    """The whole docs/benchmarks.md text for this run."""
+    env = report.environment
+    gpu = env["device"].startswith("cuda")
+    out = ["# Benchmarks", "",
+           "Written by `coatflux bench`; do not edit by hand (rerun the command below instead).", ""]
+    if not gpu:
+        out += ["**No GPU run yet: every GPU row is not yet measured.** The table below is a CPU run of a "
+                f"reduced preset (`{env['preset']}`); it shows that the benchmark code runs, not how fast "
+                "FLUX.1-dev trains. Step times on a CPU say nothing about a GPU, and the CPU has no "
+                "allocator statistics, so memory is n/a.", ""]
+    out += ["## Machine", "",
+            f"- card: {env.get('card')}" + (f" ({env.get('memory_gb')} GiB, sm {env.get('capability')})" if gpu else ""),
+            f"- driver: {env.get('driver') or 'n/a'}; CUDA (torch build): {env.get('cuda') or 'n/a'}",
+            f"- torch {env['torch']}, Python {env['python']}, {env['platform']}",
+            f"- date: {env['date']}",
+            f"- command: `{env['command']}`",
+            f"- measured matmul rates: {_rates_line(report.rates)}", "",
+            "## Results", "", table(report.rows), ""]
+    out += ["FLOPs per training step at batch 1 (LoRA, no recomputation): " + ", ".join(
+        f"{res}px {f.total / 1e12:.3g} TFLOP ({f.attention / f.total:.0%} attention)" for res, f in sorted(flops.items()))
+        + ".", ""]
+    if report.notes:
+        out += ["## Notes from this run", ""] + [f"- {n}" for n in report.notes] + [""]
+    out += ["## How to read it", "",
+            "- step s: median wall time of one training step (forward, backward, optimizer step) over n timed "
+            "steps after warm-up; CUDA events on a GPU. optimizer s: the optimizer-step part of it.",
+            "- peak GiB: `torch.cuda.max_memory_allocated` over the timed steps (weights, adapters, optimizer "
+            "state, activations).",
+            "- max batch: the largest batch that ran one training step at that resolution (doubling, then "
+            "bisection, bounded by the preset's cap; `>=` means the cap or the time budget stopped the search).",
+            "- floor/step: the compute floor divided by the step time (100% = matmul-bound at the measured rate). "
+            "The floor counts forward 2·M·N·K per linear, input-gradient 2·M·N·K for every linear and "
+            "weight-gradient only for LoRA, attention 4·B·H·L²·D forward and twice that backward, at the "
+            "measured bf16 rate (first figure) or with the linears at the measured FP8 rate (second).",
+            "- samples/s vs bf16: throughput relative to the bf16 row at batch 1 and the same resolution.",
+            "- Every recipe trains the same rank-16 LoRA (fp32 adapters) on ai-toolkit's targets; the model has "
+            "random weights (timing and memory depend on shapes only). No figure here is estimated.", ""]
+    return "\n".join(out)
+
+
+def write_outputs(report: Report, flops: dict[int, StepFlops], json_path: str | None,
+                  markdown_path: str | None) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if markdown_path:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_path).write_text(markdown(report, flops))
+
+
+def command_line() -> list[str]:
+    return ["coatflux", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith(("coatflux", "cli.py")) else sys.argv

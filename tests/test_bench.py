@@ -1,0 +1,94 @@
+"""``coatflux bench`` on CPU: the tiny preset end to end, the batch search, the FLOP count and the outputs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from coatflux.bench.configs import CONFIGS, FP8StorageLinear
+from coatflux.bench.measure import find_max_batch
+from coatflux.bench.model import PRESETS, count_step_flops
+
+
+@pytest.fixture
+def one_thread():
+    """2-core CI boxes: one intra-op thread avoids oversubscription stalls (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_preset_end_to_end_writes_every_row(tmp_path, one_thread):
+    from coatflux.bench.__main__ import main
+
+    js, md = tmp_path / "bench.json", tmp_path / "benchmarks.md"
+    start = time.monotonic()
+    rc = main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--json", str(js), "--markdown", str(md)])
+    assert rc == 0
+    assert time.monotonic() - start < 60
+    result = json.loads(js.read_text())
+    rows = result["rows"]
+    batch1 = {(r["config"], r["resolution"]) for r in rows if r["kind"] == "batch 1"}
+    assert batch1 == {(c, res) for c in CONFIGS for res in PRESETS["tiny"].resolutions}
+    for r in rows:
+        if r["config"] == "torchao-float8" and r["status"] == "not installed":
+            continue
+        assert r["status"] == "ok", r
+        assert r["step_s"] > 0 and r["steps"] >= 1 and r["peak_gb"] is None  # CPU: memory n/a, not guessed
+    assert {r["config"] for r in rows if r["kind"] == "max batch"} == {"bf16", "coat", "bf16+ckpt", "coat+ckpt"}
+    text = md.read_text()
+    assert "No GPU run yet" in text and "| coat+ckpt |" in text and "torch " + torch.__version__ in text
+
+
+def test_budget_skips_work_and_says_so(tmp_path, one_thread):
+    from coatflux.bench.__main__ import main
+
+    js = tmp_path / "b.json"
+    assert main(["--preset", "tiny", "--configs", "bf16", "coat", "--resolutions", "32", "--budget-s", "0",
+                 "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert rows and all(r["status"] == "skipped" and "budget" in r["note"] for r in rows)
+
+
+@pytest.mark.parametrize(("limit", "cap", "expected", "capped"), [(1, 16, 1, False), (5, 16, 5, False),
+                                                                  (16, 16, 16, True), (11, 64, 11, False)])
+def test_find_max_batch_doubles_then_bisects(limit, cap, expected, capped):
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= limit
+
+    search = find_max_batch(fits, cap)
+    assert (search.max_batch, search.capped) == (expected, capped)
+    assert len(tried) <= 2 * cap.bit_length()
+
+
+def test_find_max_batch_stops_when_declined():
+    search = find_max_batch(lambda b: None if b > 2 else True, 16)
+    assert search.max_batch == 2 and "budget" in search.note and search.label() == ">=2"
+
+
+def test_flux_dev_flops_match_the_hand_count():
+    # peers.md section 8: a LoRA step at 1024^2 is ~163.6 TFLOP without LoRA's own ~1%; 512^2 ~45.
+    f1024 = count_step_flops(PRESETS["flux-dev"], 1024)
+    assert 163e12 < f1024.total < 167e12
+    assert f1024.linear_calls > 494 and f1024.attention_calls == 57
+    assert 44e12 < count_step_flops(PRESETS["flux-dev"], 512).total < 46.5e12
+
+
+def test_fp8_storage_linear_matches_upcast_reference():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 48).requires_grad_(False)
+    fp8 = FP8StorageLinear(lin)
+    x = torch.randn(5, 32, requires_grad=True)
+    y = fp8(x)
+    w = fp8.weight_fp8.float() * fp8.weight_scale
+    torch.testing.assert_close(y, x @ w.t() + lin.bias)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(5, 48) @ w)
+    assert fp8.weight_fp8.dtype == torch.float8_e4m3fn and not list(fp8.parameters())
