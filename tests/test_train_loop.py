@@ -119,6 +119,7 @@ def test_outputs_layout_metadata_and_checkpoint(tmp_path: Path, tiny_flux_dir: P
                                                   "skip_first_sample": False},
                    save={"dtype": "float16", "save_every": 2, "max_step_saves_to_keep": 2})
     job["config"]["process"][0]["sample"]["sample_every"] = 3
+    job["config"]["process"][0]["log_dir"] = str(tmp_path / "tb")
     result = run_job(tmp_path, job)
     out = tmp_path / "output" / "run"
     assert result.lora_path == out / "run.safetensors"
@@ -135,6 +136,7 @@ def test_outputs_layout_metadata_and_checkpoint(tmp_path: Path, tiny_flux_dir: P
     assert ckpt["step"] == 6 and ckpt["ema"] is not None and isinstance(ckpt["rng"]["python_random"], list)
     assert yaml.safe_load((out / "config.yaml").read_text())["config"]["name"] == "run"
     assert not list(out.glob(".*.tmp"))
+    assert list((tmp_path / "tb" / "run").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("optimizer", ["adafactor", "coat_fp8_adamw"])

@@ -130,10 +130,10 @@ def train(cfg: TrainJobConfig, *, overwrite: bool = False, device: str | torch.d
     params = lora_parameters(components.transformer)
     optimizer = build_optimizer(params, cfg.train, cfg.coat)
     scheduler = build_lr_scheduler(optimizer, cfg.train)
-    ema = LoRAEMA(params, cfg.train.ema_config.ema_decay) if cfg.train.ema_config.use_ema else None
-    generator = torch.Generator().manual_seed(state.seed)
     if cfg.network.pretrained_lora_path and checkpoint is None:
         load_lora_state_dict(components.transformer, read_lora(cfg.network.pretrained_lora_path)[0])
+    ema = LoRAEMA(params, cfg.train.ema_config.ema_decay) if cfg.train.ema_config.use_ema else None
+    generator = torch.Generator().manual_seed(state.seed)
     if checkpoint is not None:
         _restore(checkpoint, components.transformer, optimizer, scheduler, ema, generator)
         print(f"Resuming {cfg.name} from {paths.checkpoint} at step {state.step} "
@@ -246,8 +246,10 @@ class _Caches:
             if cache is None:
                 out.append(self._encode_item(item, key)[0])
             else:
+                # _encode_item decodes the image itself (it needs the key for its generator), so
+                # the cache's pixel loader is a no-op.
                 out.append(cache.latents([item], lambda _px, i=item, k=key: self._encode_item(i, k),
-                                         lambda items: None)[0])
+                                         lambda _items: None)[0])
         return torch.stack(out)
 
     def text_embeddings(self, batch: list[Item]) -> dict[str, torch.Tensor]:
@@ -273,8 +275,8 @@ def _make_sampler(cfg: TrainJobConfig, components, paths: RunPaths, device: torc
     items = cfg.sample.samples
     if cfg.train.disable_sampling or not items:
         return None
-    trigger = cfg.datasets[0].trigger_word if cfg.datasets else cfg.trigger_word
-    embeddings = encode_prompts(components, sample_prompts(items, trigger or cfg.trigger_word), device, dtype)
+    trigger = cfg.trigger_word or next((d.trigger_word for d in cfg.datasets if d.trigger_word), None)
+    embeddings = encode_prompts(components, sample_prompts(items, trigger), device, dtype)
     return Sampler(components, items, embeddings, paths.samples, cfg.sample.format, device)
 
 
