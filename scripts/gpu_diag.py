@@ -36,7 +36,7 @@ def main() -> None:
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t) / 3
             print(f"{name} @{res}: {dt:.3f} s/step, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
-        except Exception:  # noqa: BLE001 - a diagnostic prints every failure and goes on
+        except Exception:
             print(f"{name} @{res}: FAILED", flush=True)
             traceback.print_exc()
         finally:
