@@ -8,7 +8,7 @@ curves are not identical; what matters is that they end at the same loss.
 
     python benchmarks/coat_vs_bf16_tiny.py --steps 100
 
-Needs nothing but the CPU; writes into a temporary folder.
+Runs on the CPU by default (``--device cuda`` for a GPU); writes into a temporary folder.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(workdir: Path, steps: int, coat: bool) -> tuple[list[float], float]:
+def run(workdir: Path, steps: int, coat: bool, device: str) -> tuple[list[float], float]:
     from coatflux.trainer.config import load_config
     from coatflux.trainer.loop import train
 
@@ -41,23 +41,25 @@ def run(workdir: Path, steps: int, coat: bool) -> tuple[list[float], float]:
         warnings.simplefilter("ignore")
         cfg = load_config(REPO / "examples" / "tiny_flux_lora.yaml", overrides)
         started = time.perf_counter()
-        result = train(cfg, device="cpu")
+        result = train(cfg, device=device)
     return result.losses, time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     from coatflux.flux.tiny import make_tiny_flux
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         make_tiny_flux(workdir / "tiny-flux")
-        results = {name: run(workdir, args.steps, name == "COAT") for name in ("COAT", "bf16")}
+        results = {name: run(workdir, args.steps, name == "COAT", args.device) for name in ("COAT", "bf16")}
     tail = min(20, args.steps)
     means = {name: sum(losses[-tail:]) / tail for name, (losses, _) in results.items()}
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}")
     for name, (_, seconds) in results.items():
         print(f"{name:>5}: mean loss of the last {tail} of {args.steps} steps {means[name]:.5f} ({seconds:.1f} s)")
     print(f"relative difference: {abs(means['COAT'] - means['bf16']) / means['bf16']:.2%}")
