@@ -19,7 +19,17 @@ not stored). Attention is recognised with a ``TorchFunctionMode`` that marks the
 monkey-patched.
 
 A tensor saved by several ops (LayerNorm output used by three modulations, say) is compressed
-once: packed copies are cached weakly by the identity and version of the source tensor.
+once: packed copies are cached weakly by the identity and version of the source tensor. Two
+kinds of tensor are not compressed again at all:
+
+* *linear inputs*: an :class:`~coatflux.core.linear.FP8Linear` already made a per-tensor FP8 copy
+  for its GEMM (kept in the model's input cache); that copy is what gets stored;
+* *derived outputs*: the fused non-linear ops of :mod:`coatflux.core.nonlinear` register their
+  outputs with a recipe (a LayerNorm output is ``(x - mean) * rstd`` of the FP8 input it already
+  saved, a GELU output is ``gelu`` of it). Saving such an output costs no bytes; backward
+  recomputes it from the FP8 input. This is what keeps one FLUX block's saved bytes near half of
+  bf16 on a GPU, where the LayerNorm output feeding the AdaLN modulation and the GELU output
+  feeding the down projection would otherwise each be stored a second time.
 Parameters (and views of them, such as the transposed weight ``nn.Linear`` saves), constants
 without autograd history, per-row statistics whose last dimension is below ``group_size`` (norm
 mean and rstd) and tensors smaller than ``min_saved_numel`` pass through untouched: they cost
@@ -77,6 +87,24 @@ class _Packed:
     def nbytes(self) -> int:
         return self.q.nbytes()
 
+    def materialize(self) -> torch.Tensor:
+        return dequantize(self.q)
+
+
+class _Derived:
+    """A saved tensor that backward recomputes from FP8 tensors its producer already saved."""
+
+    __slots__ = ("recompute",)
+
+    def __init__(self, recompute: Callable[[], torch.Tensor]) -> None:
+        self.recompute = recompute
+
+    def nbytes(self) -> int:
+        return 0
+
+    def materialize(self) -> torch.Tensor:
+        return self.recompute()
+
 
 class ActivationCompressor:
     """Pack/unpack hooks that store saved activations as FP8 with per-group (or per-tensor) scales.
@@ -85,11 +113,23 @@ class ActivationCompressor:
     :func:`coatflux.core.api.apply_coat` install it on a module.
     """
 
-    def __init__(self, config: ActivationConfig) -> None:
+    def __init__(self, config: ActivationConfig, linear_inputs: Any = None) -> None:
         self.config = config
         self.meter: SavedBytesMeter | None = None
         self.attention_depth = 0
+        self.linear_inputs = linear_inputs  # the model's InputCache: tensor -> its FP8 GEMM copy
         self._packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self._derived: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+    def quantize_saved(self, t: torch.Tensor) -> QuantizedTensor:
+        """The FP8 form this compressor stores activations in (per group or per tensor)."""
+        if self.config.nonlinear_granularity == "per_group":
+            return quantize(t.detach(), E4M3, "group", self.config.group_size, pow2_scales=True)
+        return quantize(t.detach(), E4M3, "tensor")
+
+    def register_derived(self, output: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> None:
+        """Declare that ``output`` can be recomputed from tensors already saved (see module doc)."""
+        self._derived[output] = (output._version, _Derived(recompute))
 
     def should_compress(self, t: torch.Tensor) -> bool:
         """Activations only: not weights, not constants, not per-row statistics."""
@@ -112,21 +152,19 @@ class ActivationCompressor:
     def _pack(self, t: torch.Tensor) -> Any:
         if self.attention_depth > 0 or not self.should_compress(t):
             return t
-        hit = self._packed.get(t)
-        if hit is not None and hit[0] == t._version:
-            return hit[1]
-        if self.config.nonlinear_granularity == "per_group":
-            q = quantize(t.detach(), E4M3, "group", self.config.group_size, pow2_scales=True)
-        else:
-            q = quantize(t.detach(), E4M3, "tensor")
-        packed = _Packed(q)
+        for table in (self._derived, self._packed):
+            hit = table.get(t)
+            if hit is not None and hit[0] == t._version:
+                return hit[1]
+        linear_copy = self.linear_inputs.lookup(t) if self.linear_inputs is not None else None
+        packed = _Packed(linear_copy if linear_copy is not None else self.quantize_saved(t))
         self._packed[t] = (t._version, packed)
         return packed
 
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:
-        if isinstance(packed, _Packed):
-            return dequantize(packed.q)
+        if isinstance(packed, _Packed | _Derived):
+            return packed.materialize()
         return packed
 
     @contextlib.contextmanager
@@ -153,7 +191,7 @@ class SavedBytesMeter:
         self._seen: set[int] = set()
 
     def add(self, obj: Any) -> None:
-        if isinstance(obj, _Packed):
+        if isinstance(obj, _Packed | _Derived):
             key, size = id(obj), obj.nbytes()
         elif torch.is_tensor(obj):
             if isinstance(obj, torch.nn.Parameter):

@@ -33,6 +33,7 @@ from coatflux.core.activation import ActivationCompressor
 from coatflux.core.config import ActivationConfig, COATConfig
 from coatflux.core.gemm import fp8_gemm_support
 from coatflux.core.linear import FP8Linear, InputCache
+from coatflux.core.nonlinear import fused_replacement
 from coatflux.core.optim import FP8AdamW
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class COATContext:
     compressor: ActivationCompressor | None
     input_cache: InputCache
     converted: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     _stacks: list[contextlib.ExitStack] = field(default_factory=list)
 
@@ -81,6 +83,20 @@ def _convert_linears(model: nn.Module, config: COATConfig, cache: InputCache) ->
                 setattr(module, child_name, FP8Linear.from_linear(child, config.activation, cache))
                 converted.append(full)
     return converted
+
+
+def _fuse_nonlinear(model: nn.Module, config: COATConfig, compressor: ActivationCompressor) -> list[str]:
+    fused = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not _matches(full, config.include, config.exclude):
+                continue
+            replacement = fused_replacement(child, compressor)
+            if replacement is not None:
+                setattr(module, child_name, replacement)
+                fused.append(full)
+    return fused
 
 
 def _warn_fallback(model: nn.Module) -> None:
@@ -128,15 +144,22 @@ def apply_coat(model: nn.Module, config: COATConfig | None = None) -> nn.Module:
                       "precision (no FP8 activations, weights or GEMMs).", RuntimeWarning, stacklevel=2)
         return model
     _warn_fallback(model)
-    context = COATContext(config, ActivationCompressor(config.activation), InputCache())
-    context.converted = _convert_linears(model, config, context.input_cache)
+    cache = InputCache()
+    context = COATContext(config, ActivationCompressor(config.activation, linear_inputs=cache), cache)
+    context.converted = _convert_linears(model, config, cache)
+    for module in model.modules():
+        if isinstance(module, FP8Linear):
+            module.input_saved_by_hooks = True
+    if config.activation.fused_nonlinear:
+        context.fused = _fuse_nonlinear(model, config, context.compressor)
     context.handles = [
         model.register_forward_pre_hook(context.enter),
         model.register_forward_hook(context.exit, always_call=True),
     ]
     model.coat_context = context
-    logger.info("COAT: %d linears converted to FP8; saved activations compressed (%s, group %d)",
-                len(context.converted), config.activation.nonlinear_granularity, config.activation.group_size)
+    logger.info("COAT: %d linears converted to FP8, %d norms/activations fused; saved activations "
+                "compressed (%s, group %d)", len(context.converted), len(context.fused),
+                config.activation.nonlinear_granularity, config.activation.group_size)
     return model
 
 

@@ -116,8 +116,10 @@ class ActivationConfig:
     no rescaling inside its K loop); inputs of non-linear ops default to ``per_group`` 1 x
     ``group_size`` scaling, which follows local outliers (COAT's mixed granularity).
     ``keep_attention_bf16`` leaves scaled-dot-product attention's saved tensors untouched, as COAT
-    does; ``min_saved_numel`` skips tiny saved tensors (per-sample modulation vectors, norm
-    statistics) whose compression saves nothing.
+    does; ``fused_nonlinear`` swaps LayerNorm, RMSNorm and GELU modules for versions that save
+    one FP8 input and recompute their output (:mod:`coatflux.core.nonlinear`);
+    ``min_saved_numel`` skips tiny saved tensors (per-sample modulation vectors, norm statistics)
+    whose compression saves nothing.
     """
 
     use_fp8: bool = True
@@ -126,6 +128,7 @@ class ActivationConfig:
     group_size: int = 16
     fp8_gemm: bool = True
     keep_attention_bf16: bool = True
+    fused_nonlinear: bool = True
     min_saved_numel: int = 4096
 
     def __post_init__(self) -> None:
@@ -138,6 +141,7 @@ class ActivationConfig:
         _check_power_of_two(self.group_size, f"{path}.group_size", low=2, high=4096)
         _check_bool(self.fp8_gemm, f"{path}.fp8_gemm")
         _check_bool(self.keep_attention_bf16, f"{path}.keep_attention_bf16")
+        _check_bool(self.fused_nonlinear, f"{path}.fused_nonlinear")
         if isinstance(self.min_saved_numel, bool) or not isinstance(self.min_saved_numel, int) \
                 or self.min_saved_numel < 0:
             raise ConfigError(f"{path}.min_saved_numel: expected an integer >= 0, got {self.min_saved_numel!r}")

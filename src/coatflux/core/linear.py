@@ -45,6 +45,11 @@ class InputCache:
     def __init__(self) -> None:
         self._entries: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
+    def lookup(self, x: torch.Tensor) -> QuantizedTensor | None:
+        """The FP8 copy made for ``x`` if it is current, else ``None``."""
+        hit = self._entries.get(x)
+        return hit[1] if hit is not None and hit[0][0] == x._version else None
+
     def get(self, x: torch.Tensor, granularity: str, group: int) -> QuantizedTensor:
         key = (x._version, granularity, group)
         hit = self._entries.get(x)
@@ -85,16 +90,26 @@ class _FP8LinearFunction(torch.autograd.Function):
             h = x2.to(lora_A.dtype) @ lora_A.t()
             y = y + (lora_scale * (h @ lora_B.t())).to(y.dtype)
         ctx.layer, ctx.lora_scale = layer, lora_scale
-        ctx.x_meta = (xq.granularity, xq.group, xq.shape, x.dtype, xq.pow2)
-        ctx.save_for_backward(xq.data, xq.scale, weight, lora_A, lora_B, h)
+        if layer.input_saved_by_hooks:
+            # The model's activation compressor stores x: as this FP8 copy, or, when x is the
+            # output of a fused non-linear op, as a recipe that recomputes it (no bytes at all).
+            ctx.x_meta = None
+            ctx.save_for_backward(x, None, weight, lora_A, lora_B, h)
+        else:
+            ctx.x_meta = (xq.granularity, xq.group, xq.shape, x.dtype, xq.pow2)
+            ctx.save_for_backward(xq.data, xq.scale, weight, lora_A, lora_B, h)
         return y.reshape(*x.shape[:-1], layer.out_features)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_codes, x_scale, weight, lora_A, lora_B, h = ctx.saved_tensors
+        x_saved, x_scale, weight, lora_A, lora_B, h = ctx.saved_tensors
         layer: FP8Linear = ctx.layer
-        granularity, group, x_shape, x_dtype, pow2 = ctx.x_meta
-        xq = QuantizedTensor(x_codes, x_scale, E4M3, granularity, group, x_shape, x_dtype, pow2)
+        if ctx.x_meta is None:  # x came back from the compressor in its own dtype
+            xq = quantize_linear_input(x_saved, layer.config.linear_granularity, layer.config.group_size)
+        else:
+            granularity, group, x_shape, x_dtype, pow2 = ctx.x_meta
+            xq = QuantizedTensor(x_saved, x_scale, E4M3, granularity, group, x_shape, x_dtype, pow2)
+        granularity, x_codes, x_shape = xq.granularity, xq.data, xq.shape
         n, k = layer.out_features, layer.in_features
         g2 = grad_out.reshape(-1, n)
         m = g2.shape[0]
@@ -109,7 +124,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             if granularity == "tensor":
                 use = layer.gemm_uses_fp8(g2.device, n, k, m)
                 grad_w = fp8_mm(gq.data.t().contiguous(), gq.scale, x_codes.reshape(m, k).t().contiguous(),
-                                x_scale, weight.dtype, use)
+                                xq.scale, weight.dtype, use)
             else:
                 grad_w = (g2.t().float() @ dequantize(xq, torch.float32).reshape(m, k)).to(weight.dtype)
         if need_b:
@@ -142,6 +157,7 @@ class FP8Linear(nn.Module):
         self.out_features = out_features
         self.config = config
         self.input_cache = input_cache
+        self.input_saved_by_hooks = False  # set by apply_coat when an ActivationCompressor stores inputs
         self.register_parameter("weight", None)
         self.bias: nn.Parameter | None = None
         self.register_buffer("weight_fp8", None)
