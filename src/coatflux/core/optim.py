@@ -27,7 +27,7 @@ tested against it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -140,35 +140,35 @@ class FP8AdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("FP8AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state)
-                self._update(p, state, group, index)
+            self._step_group(group)
         return loss
 
+    @staticmethod
+    def _params_with_grad(group: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor]]:
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("FP8AdamW does not support sparse gradients")
+            yield index, p
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """One tensor at a time; fused subclasses override this to batch tensors."""
+        for index, p in self._params_with_grad(group):
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state)
+            self._update(p, state, group, index)
+
     def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         state["step"] += 1
         step = int(state["step"].item())
         grad = p.grad.float()
         exp_avg = self._decode(state, "exp_avg").float()
         exp_avg_sq = self._decode(state, "exp_avg_sq").float()
 
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-
         master = p.float() if p.dtype != torch.float32 else p
-        master.mul_(1 - lr * wd)
-        master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        adamw_update_(master, grad, exp_avg, exp_avg_sq, step, group)
         if master is not p:
             p.copy_(_stochastic_round(master, p.dtype, _rounding_seed(group["seed"], index, step)))
 
@@ -201,6 +201,20 @@ class FP8AdamW(Optimizer):
                 if torch.is_tensor(value) and key != "step":
                     total += value.numel() * value.element_size()
         return total
+
+
+def adamw_update_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: int, group: dict[str, Any]) -> None:
+    """The AdamW update in fp32, in place on ``master`` and both moments (torch.optim.AdamW's math)."""
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    master.mul_(1 - lr * wd)
+    master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
 def _rounding_seed(seed: int, index: int, step: int) -> int:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from coatflux.core.dre import DREBlocks, dre_dequantize, dre_quantize
-from coatflux.core.optim import _DRE_FIELDS, _MOMENTS, FP8AdamW
+from coatflux.core.optim import _DRE_FIELDS, _MOMENTS, FP8AdamW, adamw_update_
 
 
 def _flat(tensors: list[torch.Tensor], block: int) -> torch.Tensor:
@@ -65,32 +65,21 @@ class FusedFP8AdamW(FP8AdamW):
         return (p.dtype == torch.float32 and cfg.use_dynamic_range_expansion
                 and all(self._quantized(p, m) for m in _MOMENTS))
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            buckets: dict[tuple[int, torch.device], list[torch.Tensor]] = defaultdict(list)
-            for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("FP8AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not self._fusable(p):
-                    if not state:
-                        self._init_state(p, state)
-                    self._update(p, state, group, index)
-                    continue
+    def _step_group(self, group: dict[str, Any]) -> None:
+        buckets: dict[tuple[int, torch.device], list[torch.Tensor]] = defaultdict(list)
+        for index, p in self._params_with_grad(group):
+            state = self.state[p]
+            if not self._fusable(p):
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                state["step"] += 1
-                buckets[(int(state["step"].item()), p.device)].append(p)
-            for (step, _), params in buckets.items():
-                self._fused_update(params, group, step)
-        return loss
+                    self._init_state(p, state)
+                self._update(p, state, group, index)
+                continue
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] += 1
+            buckets[(int(state["step"].item()), p.device)].append(p)
+        for (step, _), params in buckets.items():
+            self._fused_update(params, group, step)
 
     def _decode_flat(self, params: list[torch.Tensor], moment: str, step: int) -> torch.Tensor:
         block = self.fp8_config.block_size
@@ -114,22 +103,12 @@ class FusedFP8AdamW(FP8AdamW):
                 state[f"{moment}_{f}"] = metadata[f][i]
 
     def _fused_update(self, params: list[torch.Tensor], group: dict[str, Any], step: int) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         block = self.fp8_config.block_size
         grad = _flat([p.grad.float() for p in params], block)
         exp_avg = self._decode_flat(params, "exp_avg", step)
         exp_avg_sq = self._decode_flat(params, "exp_avg_sq", step)
-
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-
         master = _flat(list(params), block)
-        master.mul_(1 - lr * wd)
-        master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        adamw_update_(master, grad, exp_avg, exp_avg_sq, step, group)
         chunks = master.split(_padded_sizes(params, block))
         torch._foreach_copy_(list(params), [c[: p.numel()].view(p.shape) for c, p in zip(chunks, params, strict=True)])
 
