@@ -101,11 +101,7 @@ class FP8QuantizationConfig:
             _check_bool(use, f"{path}.use_fp8")
             values.setdefault("use_fp8_m1", use)
             values.setdefault("use_fp8_m2", use)
-        config = cls.__new__(cls)
-        for f in fields(cls):
-            object.__setattr__(config, f.name, values.get(f.name, f.default))
-        config.validate(path)
-        return config
+        return _build(cls, values, path)
 
 
 @dataclass(frozen=True)
@@ -149,11 +145,7 @@ class ActivationConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: str = "coat.activation") -> ActivationConfig:
         check_known_keys(data, [f.name for f in fields(cls)], path)
-        config = cls.__new__(cls)
-        for f in fields(cls):
-            object.__setattr__(config, f.name, data.get(f.name, f.default))
-        config.validate(path)
-        return config
+        return _build(cls, data, path)
 
 
 @dataclass(frozen=True)
@@ -219,6 +211,16 @@ class COATConfig:
             "exclude": list(self.exclude),
             "performance_log_every": self.performance_log_every,
         }
+
+
+def _build(cls: type, values: Mapping[str, Any], path: str) -> Any:
+    """An instance of the frozen dataclass ``cls`` from ``values`` (defaults for absent keys),
+    validated with ``path`` in its messages rather than the class's own default path."""
+    config = cls.__new__(cls)
+    for f in fields(cls):
+        object.__setattr__(config, f.name, values.get(f.name, f.default))
+    config.validate(path)
+    return config
 
 
 def _as_tuple(value: Any, path: str) -> tuple[str, ...]:
