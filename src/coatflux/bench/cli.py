@@ -12,14 +12,28 @@ Plan, in priority order so a time budget cuts the least useful work first:
 that config, scaled by FLOPs and batch) does not fit in what is left is skipped and its row says
 so; a timing loop stops between steps once the budget is spent. Any failure in a config (an
 error, out of memory) is written into its row and the run goes on with the next one.
+
+Out of memory: a step that runs out of memory leaves nothing behind. Each step runs in a function
+whose locals (batch, loss, graph) die when it returns; the exception is caught, its message kept
+as text and the exception (whose traceback references every frame of the failed step, and so
+every activation) deleted; then the model and optimizer of that config are dropped, ``gc`` runs
+and the CUDA cache is emptied, outside the ``except`` block, and the next probe builds a fresh
+model. (On an H200 the earlier version, which kept the model across OOM probes, left the card
+with 19 MiB free for every later config.)
+
+Attention: the cuDNN backend of ``scaled_dot_product_attention`` is disabled for the run unless
+``--allow-cudnn-attention``; flash, memory-efficient and math stay allowed. The Machine section
+of the markdown records which backends were allowed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="total time budget in seconds; remaining work is skipped and the rows say so")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--allow-cudnn-attention", action="store_true",
+                        help="keep PyTorch's cuDNN scaled-dot-product-attention backend (off by default: its "
+                             "backward failed on an H200 with torch 2.11 + CUDA 13, then corrupted the context)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", dest="markdown_path", default=None,
                         help="write docs/benchmarks.md-style markdown here")
@@ -88,6 +105,26 @@ def _build(name: str, plan: _Plan):  # -> (model, optimizer)
     return model, optimizer
 
 
+class _Trainee:
+    """The model and optimizer of one config, built on first use and dropped after an OOM."""
+
+    def __init__(self, name: str, plan: _Plan) -> None:
+        self.name, self.plan = name, plan
+        self.model = self.optimizer = None
+
+    def get(self):  # -> (model, optimizer)
+        if self.model is None:
+            self.model, self.optimizer = _build(self.name, self.plan)
+        return self.model, self.optimizer
+
+    def drop(self) -> None:
+        """Release the model, optimizer and everything they hold (call outside any ``except``)."""
+        from coatflux.bench.measure import free_memory
+
+        self.model = self.optimizer = None
+        free_memory(self.plan.device)
+
+
 def _step_fns(model, optimizer, data):
     from coatflux.bench.model import loss_of
 
@@ -101,10 +138,11 @@ def _step_fns(model, optimizer, data):
     return forward_backward, optimizer_step
 
 
-def _time_cell(model, optimizer, plan: _Plan, row, steps: int, warmup: int) -> None:
+def _time_cell(trainee: _Trainee, plan: _Plan, row, steps: int, warmup: int) -> None:
     from coatflux.bench.measure import peak_gb, reset_peak, time_steps
     from coatflux.bench.model import PRESETS, make_batch
 
+    model, optimizer = trainee.get()
     data = make_batch(PRESETS[plan.args.preset], row.resolution, row.batch, plan.device)
     reset_peak(plan.device)
     times = time_steps(*_step_fns(model, optimizer, data), plan.device, steps, warmup, plan.deadline)
@@ -116,13 +154,37 @@ def _time_cell(model, optimizer, plan: _Plan, row, steps: int, warmup: int) -> N
         row.status, row.note = "skipped", "time budget"
 
 
-def _fail(row, exc: BaseException) -> None:
+def _run_guarded(trainee: _Trainee, action, row) -> None:
+    """``action()``; a failure goes into ``row`` and, for an OOM, the trainee is dropped afterwards.
+
+    Only the message survives the ``except`` block: the exception and its traceback (every frame
+    of the failed step, hence its activations) are deleted before memory is released.
+    """
+
+    failure = None
+    try:
+        action()
+    except Exception as exc:
+        failure = _failure(exc)
+        del exc
+    if failure is not None:
+        _record(row, *failure)
+        if failure[0] == "oom":
+            trainee.drop()
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """(status, note) of a failed cell; logs the traceback at debug level."""
     from coatflux.bench.measure import is_oom
 
-    row.status = "oom" if is_oom(exc) else "error"
-    row.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-    logger.warning("bench %s @%d bs%s: %s", row.config, row.resolution, row.batch, row.note)
-    logger.debug("%s", traceback.format_exc())
+    logger.debug("%s", "".join(traceback.format_exception(exc)))
+    first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return ("oom" if is_oom(exc) else "error"), f"{type(exc).__name__}: {first_line}"
+
+
+def _record(row, status: str, note: str) -> None:
+    row.status, row.note = status, note
+    logger.warning("bench %s @%d bs%s: %s", row.config, row.resolution, row.batch, note)
 
 
 def _predict(plan: _Plan, config: str, res: int, flops, batch: int = 1) -> float:
@@ -138,7 +200,6 @@ def _predict(plan: _Plan, config: str, res: int, flops, batch: int = 1) -> float
 
 def _run_batch1(plan: _Plan, name: str, resolutions: list[int], flops, rows: list) -> None:
     from coatflux.bench.configs import CONFIGS
-    from coatflux.bench.measure import free_memory
     from coatflux.bench.report import Row
 
     cells = [Row(name, res, 1, "batch 1") for res in resolutions]
@@ -149,60 +210,62 @@ def _run_batch1(plan: _Plan, name: str, resolutions: list[int], flops, rows: lis
             row.status, row.note = reason, CONFIGS[name].description
         return
     steps, warmup = plan.args.steps, plan.args.warmup
-    model = optimizer = None
+    trainee = _Trainee(name, plan)
+    for row in cells:
+        cost = (steps + warmup) * _predict(plan, name, row.resolution, flops)
+        if cost > plan.remaining() or plan.remaining() <= 0:
+            row.status, row.note = "skipped", f"time budget (needs ~{cost:.0f} s)"
+            continue
+        _run_guarded(trainee, lambda row=row: _time_cell(trainee, plan, row, steps, warmup), row)
+        if row.step_s:
+            plan.step_time[(name, row.resolution)] = row.step_s
+        if trainee.optimizer is not None:
+            trainee.optimizer.zero_grad(set_to_none=True)
+    trainee.drop()
+
+
+def _train_step(trainee: _Trainee, plan: _Plan, res: int, batch: int) -> str | None:
+    """One training step at ``batch``; None if it ran, the message if it ran out of memory.
+
+    The batch, loss and graph are locals of this frame and die with it; an OOM drops the trainee
+    (an interrupted step can leave gradients, optimizer state and allocator blocks behind).
+    """
+    from coatflux.bench.measure import is_oom
+    from coatflux.bench.model import PRESETS, loss_of, make_batch
+
+    model, optimizer = trainee.get()
+    message = None
     try:
-        for row in cells:
-            cost = (steps + warmup) * _predict(plan, name, row.resolution, flops)
-            if cost > plan.remaining() or plan.remaining() <= 0:
-                row.status, row.note = "skipped", f"time budget (needs ~{cost:.0f} s)"
-                continue
-            if model is None:
-                model, optimizer = _build(name, plan)
-            try:
-                _time_cell(model, optimizer, plan, row, steps, warmup)
-                if row.step_s:
-                    plan.step_time[(name, row.resolution)] = row.step_s
-            except Exception as exc:
-                _fail(row, exc)
-                optimizer.zero_grad(set_to_none=True)
-            free_memory(plan.device)
-    except Exception as exc:  # the build itself failed: every remaining row says so
-        for row in cells:
-            if row.status == "ok" and row.step_s is None:
-                _fail(row, exc)
-    finally:
-        del model, optimizer
-        free_memory(plan.device)
+        data = make_batch(PRESETS[plan.args.preset], res, batch, plan.device)
+        loss_of(model, data).backward()
+        optimizer.step()
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        message = str(exc).splitlines()[0][:160] if str(exc) else "out of memory"
+        del exc
+    optimizer.zero_grad(set_to_none=True)
+    del model, optimizer
+    return message
 
 
-def _probe(model, optimizer, plan: _Plan, res: int, t1: float):
-    from coatflux.bench.measure import free_memory, is_oom
-    from coatflux.bench.model import PRESETS, make_batch
+def _probe(trainee: _Trainee, plan: _Plan, res: int, t1: float):
+    from coatflux.bench.measure import free_memory
 
     def fits(batch: int) -> bool | None:
         if t1 * batch * 1.5 > plan.remaining():
             return None
-        ok = True
-        try:
-            data = make_batch(PRESETS[plan.args.preset], res, batch, plan.device)
-            forward_backward, optimizer_step = _step_fns(model, optimizer, data)
-            forward_backward()
-            optimizer_step()
-            del data
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            ok = False
-        optimizer.zero_grad(set_to_none=True)
+        message = _train_step(trainee, plan, res, batch)
+        if message is not None:
+            trainee.drop()
         free_memory(plan.device)
-        logger.info("bench: batch %d at %dpx %s", batch, res, "fits" if ok else "is out of memory")
-        return ok
+        logger.info("bench: batch %d at %dpx %s", batch, res, "fits" if message is None else f"OOM ({message})")
+        return message is None
 
     return fits
 
 
 def _run_max_batch(plan: _Plan, name: str, res: int, flops, rows: list) -> None:
-    from coatflux.bench.measure import find_max_batch, free_memory
     from coatflux.bench.model import PRESETS
     from coatflux.bench.report import Row
 
@@ -213,25 +276,26 @@ def _run_max_batch(plan: _Plan, name: str, res: int, flops, rows: list) -> None:
         row.status, row.note = "skipped", "no batch-1 measurement to start from (time budget or failure)"
         return
     cap = plan.args.max_batch_cap or PRESETS[plan.args.preset].max_batch_cap
-    model = optimizer = None
-    try:
-        model, optimizer = _build(name, plan)
-        search = find_max_batch(_probe(model, optimizer, plan, res, t1), cap)
-        row.batch, row.max_batch, row.note = search.max_batch, search.label(), search.note
-        steps = plan.args.max_batch_steps
-        if search.max_batch and search.max_batch > 1:
-            if (steps + 1) * t1 * search.max_batch > plan.remaining():
-                row.note = (row.note + "; " if row.note else "") + "step not timed: time budget"
-                row.status = "skipped"
-            else:
-                _time_cell(model, optimizer, plan, row, steps, 1)
-        elif search.max_batch == 1:
-            row.status, row.note = "skipped", (row.note or "batch 2 does not fit: see the batch-1 row")
-    except Exception as exc:
-        _fail(row, exc)
-    finally:
-        del model, optimizer
-        free_memory(plan.device)
+    trainee = _Trainee(name, plan)
+    _run_guarded(trainee, lambda: _search_and_time(trainee, plan, row, t1, cap), row)
+    trainee.drop()
+
+
+def _search_and_time(trainee: _Trainee, plan: _Plan, row, t1: float, cap: int) -> None:
+    from coatflux.bench.measure import find_max_batch
+
+    search = find_max_batch(_probe(trainee, plan, row.resolution, t1), cap)
+    row.batch, row.max_batch, row.note = search.max_batch, search.label(), search.note
+    steps = plan.args.max_batch_steps
+    if search.max_batch and search.max_batch > 1:
+        if (steps + 1) * t1 * search.max_batch > plan.remaining():
+            row.note = (row.note + "; " if row.note else "") + "step not timed: time budget"
+            row.status = "skipped"
+        else:
+            trainee.drop()  # time on a model that has seen no OOM and holds no probe's leftovers
+            _time_cell(trainee, plan, row, steps, 1)
+    elif search.max_batch == 1:
+        row.status, row.note = "skipped", (row.note or "batch 2 does not fit: see the batch-1 row")
 
 
 def _label_max_batches(rows: list) -> None:
@@ -241,10 +305,37 @@ def _label_max_batches(rows: list) -> None:
             r.max_batch = found[(r.config, r.resolution)]
 
 
+@contextlib.contextmanager
+def attention_policy(allow_cudnn: bool) -> Iterator[None]:
+    """Disable the cuDNN SDPA backend for the enclosed code unless ``allow_cudnn``; restore it after."""
+    toggle = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)
+    if toggle is None or allow_cudnn:
+        yield
+        return
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    toggle(False)
+    try:
+        yield
+    finally:
+        toggle(previous)
+
+
 def run(args: argparse.Namespace) -> int:
+    with attention_policy(getattr(args, "allow_cudnn_attention", False)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from coatflux.bench.measure import free_memory, measure_matmul_rates
     from coatflux.bench.model import PRESETS, count_step_flops
-    from coatflux.bench.report import Report, command_line, environment, table, write_outputs
+    from coatflux.bench.report import (
+        Report,
+        attention_backends,
+        command_line,
+        environment,
+        table,
+        write_outputs,
+    )
 
     start = time.monotonic()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -252,6 +343,8 @@ def run(args: argparse.Namespace) -> int:
     resolutions = list(args.resolutions or preset.resolutions)
     plan = _Plan(args, device, None if args.budget_s is None else start + args.budget_s)
     report = Report(environment(device, args.preset, command_line()), None)
+    report.environment["attention"] = attention_backends()
+    print(f"bench: scaled-dot-product attention backends: {report.environment['attention']}", flush=True)
     report.rates = measure_matmul_rates(device, 8192 if device.type == "cuda" else 256)
     flops = {res: count_step_flops(preset, res) for res in resolutions}
     logger.info("bench: %s on %s; rates %s", preset.name, report.environment["card"], report.rates)

@@ -99,6 +99,22 @@ def environment(device: torch.device, preset: str, argv: list[str]) -> dict[str,
     return env
 
 
+def attention_backends() -> str:
+    """Which ``scaled_dot_product_attention`` backends PyTorch may pick right now, e.g. for the report."""
+    cuda = torch.backends.cuda
+    checks = {"flash": "flash_sdp_enabled", "memory-efficient": "mem_efficient_sdp_enabled",
+              "math": "math_sdp_enabled", "cuDNN": "cudnn_sdp_enabled"}
+    state = {name: getattr(cuda, fn)() for name, fn in checks.items() if hasattr(cuda, fn)}
+    allowed = [name for name, on in state.items() if on]
+    disabled = [name for name, on in state.items() if not on]
+    text = ", ".join(allowed) + " allowed" if allowed else "none allowed"
+    if "cuDNN" in disabled:
+        text += "; cuDNN disabled (its backward failed on an H200, torch 2.11 + CUDA 13; --allow-cudnn-attention keeps it)"
+    elif disabled:
+        text += "; " + ", ".join(disabled) + " disabled"
+    return text
+
+
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -158,7 +174,8 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
             f"- torch {env['torch']}, Python {env['python']}, {env['platform']}",
             f"- date: {env['date']}",
             f"- command: `{env['command']}`",
-            f"- measured matmul rates: {_rates_line(report.rates)}", "",
+            f"- measured matmul rates: {_rates_line(report.rates)}",
+            f"- attention (SDPA) backends: {env.get('attention', 'not recorded')}", "",
             "## Results", "", table(report.rows), ""]
     out += ["FLOPs per training step at batch 1 (LoRA, no recomputation): " + ", ".join(
         f"{res}px {f.total / 1e12:.3g} TFLOP ({f.attention / f.total:.0%} attention)" for res, f in sorted(flops.items()))

@@ -18,11 +18,20 @@ Scales are fp32 by default. ``pow2_scales=True`` rounds each scale up to a power
 its exponent as ``int8`` (the MX "E8M0" idea): one byte instead of four per group, exact
 dequantization by a power of two, and at most the top binade of the format left unused, which for
 a floating-point format costs range, not relative precision. Activation compression uses it.
+
+Dispatch: :func:`quantize_reference` and :func:`dequantize_reference` are the specification.
+:func:`quantize` and :func:`dequantize` return the same bytes; for CUDA tensors in the two layouts
+COAT uses (per-tensor fp32 scales, per-group power-of-two scales) they run the fused compiled
+kernels of :mod:`coatflux.kernels.quant`, everywhere else the reference. ``reference=True`` or the
+environment variable ``COATFLUX_REFERENCE_KERNELS=1`` forces the reference (to bisect a numerical
+problem, or where compilation is unwanted).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +135,31 @@ class QuantizedTensor:
         return dequantize(self)
 
 
+REFERENCE_ENV = "COATFLUX_REFERENCE_KERNELS"
+
+
+@functools.cache
+def fast_path_available(device_type: str) -> bool:
+    """Whether :mod:`coatflux.kernels.quant` can run on this device type (checked once per type)."""
+    try:
+        from coatflux.kernels import quant
+    except ImportError:
+        return False
+    return quant.available(device_type)[0]
+
+
+def uses_fast_path(device: torch.device, reference: bool = False) -> bool:
+    """The dispatch rule: CUDA tensors use the fused kernels unless the reference is asked for.
+
+    ``reference=True`` or the environment variable ``COATFLUX_REFERENCE_KERNELS=1`` (read on every
+    call) select the reference; so does a CUDA setup where the fused kernels cannot compile
+    exactly (no Triton, or an inductor without IEEE division: see ``coatflux.kernels.quant``).
+    """
+    if reference or device.type != "cuda" or os.environ.get(REFERENCE_ENV, "0") not in ("", "0"):
+        return False
+    return fast_path_available(device.type)
+
+
 def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
     pad = (-x.shape[-1]) % multiple
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
@@ -137,8 +171,34 @@ def quantize(
     granularity: str = "tensor",
     group: int = 0,
     pow2_scales: bool = False,
+    *,
+    reference: bool = False,
 ) -> QuantizedTensor:
-    """Quantize ``x`` to FP8 with one scale per tensor, per 1 x ``group`` group or per block."""
+    """Quantize ``x`` to FP8 with one scale per tensor, per 1 x ``group`` group or per block.
+
+    Same result as :func:`quantize_reference`, computed by the fused kernels of
+    :mod:`coatflux.kernels.quant` when :func:`uses_fast_path` says so (``reference=True`` or
+    ``COATFLUX_REFERENCE_KERNELS=1`` forces the reference).
+    """
+    fmt = get_format(fmt)
+    fast_layout = (granularity == "tensor" and not pow2_scales) or (granularity == "group" and pow2_scales and group >= 1)
+    if fast_layout and x.is_floating_point() and x.numel() and uses_fast_path(x.device, reference):
+        from coatflux.kernels import quant
+
+        if granularity == "tensor":
+            return quant.quantize_tensor(x, fmt)
+        return quant.quantize_group_pow2(x, fmt, group)
+    return quantize_reference(x, fmt, granularity, group, pow2_scales)
+
+
+def quantize_reference(
+    x: torch.Tensor,
+    fmt: str | FP8Format = "e4m3",
+    granularity: str = "tensor",
+    group: int = 0,
+    pow2_scales: bool = False,
+) -> QuantizedTensor:
+    """The specification of :func:`quantize`, in plain PyTorch (every device, every layout)."""
     fmt = get_format(fmt)
     if not x.is_floating_point():
         raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
@@ -161,8 +221,21 @@ def quantize(
     return QuantizedTensor(data, stored, fmt, granularity, group, x.shape, x.dtype, pow2_scales)
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Inverse of :func:`quantize` (up to rounding), in ``dtype`` or the original dtype."""
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None, *, reference: bool = False) -> torch.Tensor:
+    """Inverse of :func:`quantize` (up to rounding), in ``dtype`` or the original dtype.
+
+    Same result as :func:`dequantize_reference`; dispatched like :func:`quantize`.
+    """
+    fast_layout = (q.granularity, q.pow2) in (("tensor", False), ("group", True))
+    if fast_layout and q.data.numel() and uses_fast_path(q.data.device, reference):
+        from coatflux.kernels import quant
+
+        return quant.dequantize(q, dtype)
+    return dequantize_reference(q, dtype)
+
+
+def dequantize_reference(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The specification of :func:`dequantize`, in plain PyTorch."""
     dtype = dtype or q.dtype
     scale = q.scales()
     if q.granularity == "tensor":

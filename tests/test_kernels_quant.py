@@ -1,0 +1,171 @@
+"""The fused quantize/dequantize of :mod:`coatflux.kernels.quant` against the reference, byte for byte.
+
+Codes and scales must be byte-identical; dequantized values too, except a NaN's payload bits.
+
+CPU: the traced graphs run under ``aot_eager`` (same graph, same ops, ~25 s for the whole matrix on
+2 cores); inductor's CPU code for the same matrix takes ~90 s to compile, so that test is ``slow``.
+CUDA (``gpu``): inductor, as training runs it, directly and through ``formats.quantize``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coatflux.core import formats
+from coatflux.core.formats import E4M3, E5M2, dequantize_reference, quantize_reference
+from coatflux.kernels import quant
+
+FORMATS = [E4M3, E5M2]
+SHAPES = [(64, 48), (3, 5, 21), (1,)]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _input(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    """Random values over many binades, plus zeros, a constant group, saturating values, inf and NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-20, 20, shape, generator=gen).float())
+    flat = x.view(-1)
+    if flat.numel() >= 64:
+        flat[:16] = 0.0  # an all-zero group
+        flat[16:32] = 3.0  # a constant group
+        flat[33] = 1e30  # saturates any scale made without it
+        flat[40], flat[41], flat[42] = float("inf"), float("-inf"), float("nan")
+        flat[50] = 2.0**-130  # an fp32 subnormal
+    return x.to(dtype=dtype, device=device)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes (NaN compares equal to the same NaN, -0.0 differs from +0.0)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _assert_identical(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert (a.dtype, a.shape) == (b.dtype, b.shape)
+    assert torch.equal(_bytes(a), _bytes(b))
+
+
+def _assert_same_values(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Dequantized values: bit for bit, except the bits of a NaN (payload and sign are not specified).
+
+    Eager widens the FP8 NaN 0x7F to fp32 0x7FF00000; inductor's vectorised CPU code gives the
+    canonical 0x7FC00000, or the x86 default NaN 0xFFC00000 after a masked load. All are the same
+    quiet NaN. Codes and scales are compared with every bit, NaN codes included.
+    """
+    assert (a.dtype, a.shape) == (b.dtype, b.shape)
+    a, b = a.detach().cpu(), b.detach().cpu()
+    nan = torch.isnan(a)
+    assert torch.equal(nan, torch.isnan(b))
+    _assert_identical(a[~nan], b[~nan])
+
+
+def _check_tensor(x: torch.Tensor, fmt, backend: str) -> None:
+    ref, fast = quantize_reference(x, fmt, "tensor"), quant.quantize_tensor(x, fmt, backend=backend)
+    _assert_identical(ref.data, fast.data)
+    _assert_identical(ref.scale, fast.scale)
+    _assert_same_values(dequantize_reference(ref), quant.dequantize(fast, backend=backend))
+
+
+def _check_group(x: torch.Tensor, fmt, group: int, backend: str) -> None:
+    ref = quantize_reference(x, fmt, "group", group, pow2_scales=True)
+    fast = quant.quantize_group_pow2(x, fmt, group, backend=backend)
+    _assert_identical(ref.data, fast.data)
+    _assert_identical(ref.scale, fast.scale)
+    _assert_same_values(dequantize_reference(ref), quant.dequantize(fast, backend=backend))
+    _assert_same_values(dequantize_reference(ref, torch.float32), quant.dequantize(fast, torch.float32, backend=backend))
+
+
+def _check_all(device: str, backend: str, dtypes: tuple[torch.dtype, ...]) -> None:
+    for dtype in dtypes:
+        for shape in SHAPES:
+            x = _input(shape, dtype, device)
+            for fmt in FORMATS:
+                _check_tensor(x, fmt, backend)
+                for group in (16, 32):
+                    _check_group(x, fmt, group, backend)
+
+
+def test_traced_graph_matches_reference_on_cpu():
+    _check_all("cpu", "aot_eager", (torch.float32, torch.bfloat16))
+
+
+@pytest.mark.slow
+def test_inductor_cpu_matches_reference():
+    _check_all("cpu", "inductor", (torch.float32, torch.bfloat16))
+
+
+def test_pow2_exponent_from_bits_matches_log2_reference():
+    """The bit formula gives the reference's exponents at and around every binade boundary."""
+    k = torch.arange(-140, 120, dtype=torch.float32)
+    for fmt in FORMATS:
+        edges = fmt.max * torch.exp2(k)
+        amax = torch.cat([edges, torch.nextafter(edges, torch.tensor(0.0)), torch.nextafter(edges, torch.tensor(1e38)),
+                          torch.rand(5000) * torch.exp2(torch.randint(-149, 127, (5000,)).float()),
+                          torch.tensor([0.0, 1.4e-45, torch.finfo(torch.float32).max])])
+        amax = amax[torch.isfinite(amax)]
+        expected = formats.pow2_exponent(formats.scale_from_amax(amax, fmt, pow2=True))
+        assert torch.equal(quant._pow2_exponent_of(amax, fmt.max).to(torch.int8), expected)
+
+
+def test_pow2_from_bits_is_exact():
+    k = torch.arange(-149, 128, dtype=torch.int32)
+    assert torch.equal(quant._pow2(k), torch.exp2(k.double()).float())
+
+
+def test_dispatch_rule(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(formats, "fast_path_available", lambda device_type: True)
+    monkeypatch.delenv(formats.REFERENCE_ENV, raising=False)
+    assert formats.uses_fast_path(cuda) and not formats.uses_fast_path(cpu)
+    assert not formats.uses_fast_path(cuda, reference=True)
+    monkeypatch.setenv(formats.REFERENCE_ENV, "1")
+    assert not formats.uses_fast_path(cuda)
+    monkeypatch.setenv(formats.REFERENCE_ENV, "0")
+    assert formats.uses_fast_path(cuda)
+
+
+def test_quantize_routes_supported_layouts_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(formats, "uses_fast_path", lambda device, reference=False: not reference)
+    monkeypatch.setattr(quant, "quantize_tensor", lambda x, fmt: calls.append("tensor") or quantize_reference(x, fmt))
+    monkeypatch.setattr(quant, "quantize_group_pow2",
+                        lambda x, fmt, g: calls.append("group") or quantize_reference(x, fmt, "group", g, True))
+    x = torch.randn(4, 32)
+    formats.quantize(x, E4M3, "tensor")
+    formats.quantize(x, E4M3, "group", 16, pow2_scales=True)
+    formats.quantize(x, E4M3, "group", 16)  # fp32 group scales: reference
+    formats.quantize(x, E4M3, "block", 16, pow2_scales=True)  # blocks: reference
+    formats.quantize(x, E4M3, "tensor", reference=True)
+    assert calls == ["tensor", "group"]
+
+
+def test_cpu_uses_reference_without_compiling():
+    assert not formats.uses_fast_path(torch.device("cpu"))
+    assert quant.supports("tensor") and quant.supports("group", pow2=True) and not quant.supports("group")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fast_path_is_available():
+    ok, reason = quant.available("cuda")
+    assert ok, reason
+    assert formats.uses_fast_path(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_inductor_matches_reference():
+    # bf16 only (what FLUX runs): each dtype is another ~20 Triton compilations, and the GPU check has 60 s
+    _check_all("cuda", "inductor", (torch.bfloat16,))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_dispatch_matches_reference():
+    """``formats.quantize``/``dequantize`` (the fast path on CUDA) on a FLUX-sized activation."""
+    x = _input((2, 4096, 3072), torch.bfloat16, "cuda", seed=1)
+    for args in [(E4M3, "tensor"), (E5M2, "tensor"), (E4M3, "group", 16, True)]:
+        ref, fast = quantize_reference(x, *args), formats.quantize(x, *args)
+        _assert_identical(ref.data, fast.data)
+        _assert_identical(ref.scale, fast.scale)
+        _assert_same_values(dequantize_reference(ref), formats.dequantize(fast))
