@@ -141,11 +141,12 @@ def test_flux_24gb_example_is_accepted_with_its_values(tmp_path: Path, folder: P
     assert train.lr == pytest.approx(1e-4) and isinstance(train.lr, float)
     assert (train.steps, train.optimizer, train.dtype, train.gradient_accumulation) == (2000, "adamw8bit", "bfloat16", 1)
     assert train.ema_config.use_ema and train.ema_config.ema_decay == 0.99
-    assert config.model.quantize and config.model.quantize_text_encoder and config.model.dtype == "bfloat16"
+    assert config.model.quantize and config.model.dtype == "bfloat16"
+    assert "config.process[0].sample.neg" in config.ignored_keys  # FLUX.1-dev has no negative pass
     assert [s.seed for s in config.sample.samples] == [42, 43, 44, 45, 46]  # walk_seed
     assert all((s.width, s.height, s.guidance_scale) == (1024, 1024, 4.0) for s in config.sample.samples)
     assert config.meta == {"name": "my_first_flux_lora_v1", "version": "1.0"}
-    assert config.ignored_keys == ("config.process[0].save.push_to_hub",)
+    assert config.ignored_keys == ("config.process[0].save.push_to_hub", "config.process[0].sample.neg")
     assert config.coat == COATConfig(enabled=False)
     assert config.raw["meta"]["name"] == "my_first_flux_lora_v1"
 
@@ -318,10 +319,10 @@ def test_network_rank_alias_and_alpha(tmp_path: Path, folder: Path) -> None:
 
 def test_samples_form_inherits_section_values(tmp_path: Path, folder: Path) -> None:
     data = _minimal(folder)
-    _process(data)["sample"] = {"width": 768, "seed": 3, "neg": False,
+    _process(data)["sample"] = {"width": 768, "seed": 3,
                                 "samples": [{"prompt": "a"}, {"prompt": "b", "width": 512, "seed": 9}]}
     first, second = _load(tmp_path, data).sample.samples
-    assert (first.prompt, first.width, first.seed, first.neg) == ("a", 768, 3, "")
+    assert (first.prompt, first.width, first.seed) == ("a", 768, 3)
     assert (second.width, second.seed) == (512, 9)
 
 

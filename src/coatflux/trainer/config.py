@@ -197,10 +197,6 @@ def _resolutions(value: Any, path: str) -> tuple[int, ...]:
                  for i, v in enumerate(items))
 
 
-def _neg(value: Any, path: str) -> str:
-    return "" if value is False or value is None else _str(value, path)  # ai-toolkit's default is False
-
-
 def _meta(check: Check, required: bool = False) -> dict[str, Any]:
     return {"check": check, "required": required}
 
@@ -219,18 +215,19 @@ NETWORK_KWARGS_IGNORED = ("full_if_contains",)
 SAVE_IGNORED = ("save_format", "push_to_hub", "hf_repo_id", "hf_private")
 DATASET_IGNORED = ("dataset_path", "token_dropout_rate", "bucket_tolerance", "square_crop", "random_scale",
                    "scale", "is_reg", "network_weight", "loss_multiplier", "random_triggers", "control_path",
-                   "mask_path", "alpha_mask", "inpaint_path", "prefetch_factor", "batch_size")
+                   "mask_path", "alpha_mask", "inpaint_path", "prefetch_factor", "batch_size", "num_workers")
 TRAIN_IGNORED = ("unet_lr", "text_encoder_lr", "force_first_sample", "linear_timesteps",
                  "bypass_guidance_embedding", "unload_text_encoder", "min_snr_gamma", "snr_gamma",
                  "diff_output_preservation", "diff_output_preservation_class",
                  "diff_output_preservation_multiplier", "blank_prompt_preservation", "attention_backend",
-                 "xformers", "sdp", "start_step", "validation_config", "weight_jitter")
+                 "xformers", "sdp", "start_step", "validation_config", "weight_jitter", "content_or_style")
 MODEL_IGNORED = ("qtype_te", "quantize_kwargs", "assistant_lora_path", "attn_masking", "split_model_over_gpus",
                  "compile", "block_compile", "compile_mode", "layer_offloading",
                  "layer_offloading_transformer_percent", "layer_offloading_text_encoder_percent",
-                 "text_encoder_bits", "model_kwargs")
-SAMPLE_IGNORED = ("sample_start_step",)
-SAMPLE_ITEM_IGNORED = ("ctrl_img",)
+                 "text_encoder_bits", "model_kwargs", "quantize_te", "low_vram", "vae_path", "lora_path")
+# FLUX.1-dev is guidance-distilled: sampling has no negative-prompt pass, so ``neg`` does nothing.
+SAMPLE_IGNORED = ("sample_start_step", "neg")
+SAMPLE_ITEM_IGNORED = ("ctrl_img", "neg")
 PROCESS_IGNORED = ("sqlite_db_path", "first_sample", "logging", "adapter", "embedding", "decorator",
                    "guidance", "do_lorm", "torch_profiler")
 
@@ -296,7 +293,6 @@ class DatasetConfig:
     default_caption: str | None = _spec(None, _optional(_str))
     trigger_word: str | None = _spec(None, _optional(_str))
     random_crop: bool = _spec(False, _bool)
-    num_workers: int = _spec(2, _int(0))
 
 
 @dataclass(frozen=True)
@@ -332,7 +328,6 @@ class TrainConfig:
     cache_text_embeddings: bool = _spec(False, _bool)
     train_unet: bool = _spec(True, _bool)
     train_text_encoder: bool = _spec(False, _bool)
-    content_or_style: str = _spec("balanced", _choice("balanced", "content", "style"))
     noise_offset: float = _spec(0.0, _number(0.0))
     loss_type: str = _spec("mse", _choice("mse"))
 
@@ -340,26 +335,19 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """``model:``. ``name_or_path`` is a hub id, a diffusers folder or a single ``.safetensors``
-    transformer checkpoint; ``quantize_te`` ``None`` follows ``quantize``."""
+    transformer checkpoint. ``quantize`` stores the frozen transformer in FP8 (coatflux's own
+    FP8 linears take the place of optimum-quanto's ``qfloat8``); text encoders are not quantized."""
 
     name_or_path: str = _spec(None, _model_path, required=True)
     is_flux: bool = _spec(True, _bool)
     arch: str = _spec("flux", _choice("flux"))
     quantize: bool = _spec(False, _bool)
     qtype: str = _spec("qfloat8", _str)
-    quantize_te: bool | None = _spec(None, _optional(_bool))
-    low_vram: bool = _spec(False, _bool)
     dtype: str = _spec("float16", _dtype)
-    vae_path: str | None = _spec(None, _optional(_str))
-    lora_path: str | None = _spec(None, _optional(_str))
 
     @property
     def is_single_file(self) -> bool:
         return self.name_or_path.endswith(".safetensors")
-
-    @property
-    def quantize_text_encoder(self) -> bool:
-        return self.quantize if self.quantize_te is None else self.quantize_te
 
 
 @dataclass(frozen=True)
@@ -370,7 +358,6 @@ class SampleItem:
     width: int = _spec(512, _int(MIN_RESOLUTION))
     height: int = _spec(512, _int(MIN_RESOLUTION))
     seed: int = _spec(0, _int(0))
-    neg: str = _spec("", _neg)
     guidance_scale: float = _spec(7.0, _number(0.0))
     sample_steps: int = _spec(20, _int(1))
     network_multiplier: float = _spec(1.0, _number())
@@ -386,7 +373,6 @@ class SampleConfig:
     width: int = _spec(512, _int(MIN_RESOLUTION))
     height: int = _spec(512, _int(MIN_RESOLUTION))
     prompts: tuple[str, ...] = _spec((), _str_tuple)
-    neg: str = _spec("", _neg)
     seed: int = _spec(0, _int(0))
     walk_seed: bool = _spec(False, _bool)
     guidance_scale: float = _spec(7.0, _number(0.0))
@@ -519,7 +505,7 @@ def _sample(data: Any, path: str, ctx: _Context) -> SampleConfig:
         raw_items = [{"prompt": p} for p in base.prompts]
     elif not isinstance(raw_items, list):
         raise _fail(f"{path}.samples", "a list of {prompt: ...} mappings", raw_items)
-    inherited = {"width": base.width, "height": base.height, "neg": base.neg, "sample_steps": base.sample_steps,
+    inherited = {"width": base.width, "height": base.height, "sample_steps": base.sample_steps,
                  "guidance_scale": base.guidance_scale, "network_multiplier": base.network_multiplier}
     items = []
     for i, item in enumerate(raw_items):
