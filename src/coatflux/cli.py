@@ -27,7 +27,7 @@ _COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coatflux", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="coatflux", description="COAT FP8 memory-efficient training for FLUX LoRAs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in _COMMANDS.items():
