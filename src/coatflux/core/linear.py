@@ -89,7 +89,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         if lora_A is not None:
             h = x2.to(lora_A.dtype) @ lora_A.t()
             y = y + (lora_scale * (h @ lora_B.t())).to(y.dtype)
-        ctx.layer, ctx.lora_scale = layer, lora_scale
+        ctx.layer, ctx.lora_scale, ctx.x_shape = layer, lora_scale, x.shape
         if layer.input_saved_by_hooks:
             # The model's activation compressor stores x: as this FP8 copy, or, when x is the
             # output of a fused non-linear op, as a recipe that recomputes it (no bytes at all).
@@ -104,16 +104,10 @@ class _FP8LinearFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_saved, x_scale, weight, lora_A, lora_B, h = ctx.saved_tensors
         layer: FP8Linear = ctx.layer
-        if ctx.x_meta is None:  # x came back from the compressor in its own dtype
-            xq = quantize_linear_input(x_saved, layer.config.linear_granularity, layer.config.group_size)
-        else:
-            granularity, group, x_shape, x_dtype, pow2 = ctx.x_meta
-            xq = QuantizedTensor(x_saved, x_scale, E4M3, granularity, group, x_shape, x_dtype, pow2)
-        granularity, x_codes, x_shape = xq.granularity, xq.data, xq.shape
         n, k = layer.out_features, layer.in_features
         g2 = grad_out.reshape(-1, n)
         m = g2.shape[0]
-        need_x, need_w, need_b, need_a, need_lb = (ctx.needs_input_grad[i] for i in range(5))
+        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_b = grad_a = grad_lb = None
         gq = quantize(g2, E5M2, "tensor") if (need_x or need_w) else None
         if need_x:
@@ -121,12 +115,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             use = layer.gemm_uses_fp8(g2.device, m, k, n)
             grad_x = fp8_mm(gq.data, gq.scale, w_codes.t().contiguous(), w_scale, grad_out.dtype, use)
         if need_w:
-            if granularity == "tensor":
-                use = layer.gemm_uses_fp8(g2.device, n, k, m)
-                grad_w = fp8_mm(gq.data.t().contiguous(), gq.scale, x_codes.reshape(m, k).t().contiguous(),
-                                xq.scale, weight.dtype, use)
-            else:
-                grad_w = (g2.t().float() @ dequantize(xq, torch.float32).reshape(m, k)).to(weight.dtype)
+            grad_w = _weight_grad(gq, g2, _saved_input_fp8(ctx, x_saved, x_scale), weight, layer)
         if need_b:
             grad_b = g2.sum(0).to(grad_out.dtype)
         if lora_A is not None:
@@ -135,12 +124,38 @@ class _FP8LinearFunction(torch.autograd.Function):
             if need_x:
                 grad_x = grad_x + (g_h @ lora_A).to(grad_x.dtype)
             if need_a:
-                grad_a = g_h.t() @ dequantize(xq, lora_A.dtype).reshape(m, k)
+                grad_a = g_h.t() @ _saved_input_values(ctx, x_saved, x_scale, lora_A.dtype).reshape(m, k)
             if need_lb:
                 grad_lb = g_lora.t() @ h
         if grad_x is not None:
-            grad_x = grad_x.reshape(x_shape)
+            grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, grad_w, grad_b, grad_a, grad_lb, None, None
+
+
+def _saved_input_fp8(ctx: Any, x_saved: torch.Tensor, x_scale: torch.Tensor | None) -> QuantizedTensor:
+    """The FP8 input for the weight-gradient GEMM (re-quantized if the compressor returned values)."""
+    if ctx.x_meta is None:
+        return quantize_linear_input(x_saved, ctx.layer.config.linear_granularity, ctx.layer.config.group_size)
+    granularity, group, x_shape, x_dtype, pow2 = ctx.x_meta
+    return QuantizedTensor(x_saved, x_scale, E4M3, granularity, group, x_shape, x_dtype, pow2)
+
+
+def _saved_input_values(ctx: Any, x_saved: torch.Tensor, x_scale: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """The input in ``dtype`` for the LoRA gradient (no re-quantization needed for it)."""
+    if ctx.x_meta is None:
+        return x_saved.to(dtype)
+    return dequantize(_saved_input_fp8(ctx, x_saved, x_scale), dtype)
+
+
+def _weight_grad(gq: QuantizedTensor, g2: torch.Tensor, xq: QuantizedTensor, weight: torch.Tensor,
+                 layer: FP8Linear) -> torch.Tensor:
+    n, k, m = layer.out_features, layer.in_features, g2.shape[0]
+    if xq.granularity != "tensor":  # per-group inputs have no single scale along K: multiply in fp32
+        return (g2.t().float() @ dequantize(xq, torch.float32).reshape(m, k)).to(weight.dtype)
+    use = layer.gemm_uses_fp8(g2.device, n, k, m)
+    return fp8_mm(gq.data.t().contiguous(), gq.scale, xq.data.reshape(m, k).t().contiguous(),
+                  xq.scale, weight.dtype, use)
 
 
 class FP8Linear(nn.Module):
