@@ -6,8 +6,9 @@ an element-wise multiply (AdaLN modulation, gates) -- is stored as FP8 E4M3 with
 power-of-two scale per 1 x ``group_size`` group (1.0625 bytes per element instead of 2 for bf16
 or 4 for fp32 norm statistics) and restored to its original dtype when backward needs it.
 Scaled-dot-product attention's saved tensors (q, k, v, output, log-sum-exp) stay as they are by
-default, as in COAT. Linear layers converted to :class:`~coatflux.core.linear.FP8Linear` save
-their own per-tensor FP8 input, which this hook recognises (already FP8) and leaves alone.
+default, as in COAT. Inputs of :class:`~coatflux.core.linear.FP8Linear` layers are stored as the
+per-tensor FP8 copy their GEMM already made (mixed granularity: per tensor for linears, per group
+for everything else).
 
 How, and what we chose against: COAT rewrites each Llama decoder layer as hand-fused autograd
 functions, which covers one architecture. Here the compression sits on PyTorch's own seam for
