@@ -15,6 +15,7 @@ shape and tile size, needs no autotuning and has no boundary bugs of our own; fu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,15 @@ class GemmSupport:
 
 
 def fp8_gemm_support(device: torch.device | str) -> GemmSupport:
-    """Tell whether ``torch._scaled_mm`` can run on ``device``."""
+    """Tell whether ``torch._scaled_mm`` can run on ``device`` (asked on every GEMM, so cached)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _support(device)
+
+
+@functools.cache
+def _support(device: torch.device) -> GemmSupport:
     if not hasattr(torch, "float8_e4m3fn"):
         return GemmSupport(False, f"PyTorch {torch.__version__} has no float8 dtypes")
     if not hasattr(torch, "_scaled_mm"):
