@@ -99,9 +99,10 @@ def _fuse_nonlinear(model: nn.Module, config: COATConfig, compressor: Activation
     return fused
 
 
-def _warn_fallback(model: nn.Module) -> None:
-    params = list(model.parameters()) + list(model.buffers())
-    device = params[0].device if params else torch.device("cpu")
+def _warn_fallback(model: nn.Module, device: torch.device | str | None) -> None:
+    if device is None:
+        tensors = list(model.parameters()) + list(model.buffers())
+        device = tensors[0].device if tensors else torch.device("cpu")
     support = fp8_gemm_support(device)
     if not support.available:
         warnings.warn(
@@ -109,11 +110,13 @@ def _warn_fallback(model: nn.Module) -> None:
             "saving) but multiply in the compute dtype: no FP8 speed-up.", RuntimeWarning, stacklevel=3)
 
 
-def replace_linear_with_fp8(model: nn.Module, config: COATConfig | ActivationConfig | None = None) -> nn.Module:
+def replace_linear_with_fp8(model: nn.Module, config: COATConfig | ActivationConfig | None = None,
+                            device: torch.device | str | None = None) -> nn.Module:
     """Swap every matching ``nn.Linear`` for an :class:`FP8Linear`, in place; returns ``model``.
 
     Frozen linears (``requires_grad=False``) get an FP8 weight stored once; trainable ones keep
-    their parameter and quantize it on the fly.
+    their parameter and quantize it on the fly. ``device`` is where the model will run (default:
+    where its weights are now), for the one warning about missing FP8 tensor cores.
     """
     if isinstance(config, ActivationConfig):
         config = COATConfig(activation=config)
@@ -122,17 +125,19 @@ def replace_linear_with_fp8(model: nn.Module, config: COATConfig | ActivationCon
         warnings.warn(f"COAT: PyTorch {torch.__version__} has no float8 dtypes; linears stay in their "
                       "own precision (no FP8 memory saving, no speed-up).", RuntimeWarning, stacklevel=2)
         return model
-    _warn_fallback(model)
+    _warn_fallback(model, device)
     _convert_linears(model, config, InputCache())
     return model
 
 
-def apply_coat(model: nn.Module, config: COATConfig | None = None) -> nn.Module:
+def apply_coat(model: nn.Module, config: COATConfig | None = None,
+               device: torch.device | str | None = None) -> nn.Module:
     """Apply COAT to ``model`` in place: FP8 linears plus FP8 compression of saved activations.
 
     With ``config.enabled`` false, or ``config.activation.use_fp8`` false, the model is returned
     unchanged. Calling it twice on the same model is an error (the second call would re-quantize
-    already-quantized weights).
+    already-quantized weights). ``device`` is where the model will run (default: where its
+    weights are now), for the one warning about missing FP8 tensor cores.
     """
     config = config or COATConfig()
     if getattr(model, "coat_context", None) is not None:
@@ -143,7 +148,7 @@ def apply_coat(model: nn.Module, config: COATConfig | None = None) -> nn.Module:
         warnings.warn(f"COAT: PyTorch {torch.__version__} has no float8 dtypes; the model runs in its own "
                       "precision (no FP8 activations, weights or GEMMs).", RuntimeWarning, stacklevel=2)
         return model
-    _warn_fallback(model)
+    _warn_fallback(model, device)
     cache = InputCache()
     context = COATContext(config, ActivationCompressor(config.activation, linear_inputs=cache), cache)
     context.converted = _convert_linears(model, config, cache)

@@ -299,9 +299,9 @@ def _prepare_transformer(transformer: nn.Module, cfg: TrainJobConfig, device: to
         if name not in BLOCKS:
             child.to(device)
     if _coat_on(cfg):
-        apply_coat(transformer, replace(cfg.coat, include=BLOCKS))
+        apply_coat(transformer, replace(cfg.coat, include=BLOCKS), device=device)
     elif cfg.model.quantize:
-        replace_linear_with_fp8(transformer, replace(cfg.coat, enabled=True, include=BLOCKS))
+        replace_linear_with_fp8(transformer, replace(cfg.coat, enabled=True, include=BLOCKS), device=device)
     kwargs = cfg.network.network_kwargs
     targets = find_lora_targets(transformer, kwargs.only_if_contains, kwargs.ignore_if_contains)
     # LoRA A is initialized randomly: seed it so the same training_seed gives the same run,
