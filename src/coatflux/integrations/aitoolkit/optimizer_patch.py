@@ -59,7 +59,9 @@ def fp8_config_from(value: Any, path: str = "train.optimizer_params.fp8") -> Any
 def build_fp8_adamw(params: Any, learning_rate: float, optimizer_params: Mapping[str, Any] | None) -> Any:
     """FP8AdamW from ai-toolkit's ``get_optimizer`` arguments; unknown keys are an error, not ignored."""
     from coatflux.core.config import ConfigError, check_known_keys
-    from coatflux.core.optim import FP8AdamW
+
+    # The fused multi-tensor step: the same state bytes as the reference, one update per group.
+    from coatflux.kernels.adamw import FusedFP8AdamW as FP8AdamW
 
     options = dict(optimizer_params or {})
     check_known_keys(options, [*_ADAMW_KEYS, FP8_PARAMS_KEY], "train.optimizer_params")
