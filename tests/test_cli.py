@@ -6,7 +6,6 @@ import argparse
 import importlib
 import os
 import shutil
-import time
 import warnings
 from pathlib import Path
 
@@ -85,16 +84,14 @@ def test_dispatcher_reports_config_errors(tmp_path: Path, tiny_flux_dir: Path, c
 
 
 @pytest.mark.slow
-def test_example_config_trains_on_cpu_in_under_3_minutes(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_example_config_trains_end_to_end_on_cpu(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The README's main job, as a user runs it. Its wall time is a benchmark figure (README), not
+    # an assertion: a loaded CI machine must not turn a timing into a failure.
     monkeypatch.chdir(tmp_path)
     os.symlink(REPO / "examples", tmp_path / "examples")
     assert _run("coatflux.flux.cli", ["output/tiny-flux"]) == 0
-    started = time.perf_counter()
     assert _run("coatflux.trainer.cli", ["examples/tiny_flux_lora.yaml"]) == 0
-    seconds = time.perf_counter() - started
     out = capsys.readouterr().out
-    print(f"examples/tiny_flux_lora.yaml: {seconds:.1f} s on {os.cpu_count()} CPUs")
     assert "LoRA: output/tiny_flux_lora/tiny_flux_lora.safetensors" in out and "Samples: output" in out
     assert len(list(Path("output/tiny_flux_lora/samples").iterdir())) == 2
-    assert seconds < 180
     shutil.rmtree(tmp_path / "output")
