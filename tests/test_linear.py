@@ -131,3 +131,46 @@ def test_fp8_linear_on_gpu_matches_cpu_emulation():
     yc.backward(g)
     yg.backward(g.cuda())
     assert sqnr_db(xc.grad.float(), xg.grad.float().cpu()) > 25
+
+
+def test_gemm_planner_decides_each_shape_once(monkeypatch):
+    from coatflux.core import linear as linear_module
+    from coatflux.core.gemm import GemmPlanner, GemmSupport
+
+    class Planner(GemmPlanner):
+        def __init__(self):
+            super().__init__()
+            self.measured = []
+
+        def _fp8_is_faster(self, device, m, n, k, dtype):
+            self.measured.append((m, n, k))
+            return m >= 256  # stands in for the timing: FP8 pays only for large GEMMs
+
+    monkeypatch.setattr(linear_module, "fp8_gemm_support", lambda device: GemmSupport(True, ""))
+    layer = FP8Linear.from_linear(torch.nn.Linear(64, 48).requires_grad_(False), ActivationConfig())
+    layer.planner = Planner()
+    dev = torch.device("cpu")
+    assert layer.gemm_uses_fp8(dev, 1024, 48, 64) is True
+    assert layer.gemm_uses_fp8(dev, 16, 48, 64) is False
+    assert layer.gemm_uses_fp8(dev, 1024, 48, 64) is True
+    assert layer.planner.measured == [(1024, 48, 64), (16, 48, 64)]  # each shape timed once
+    assert layer.gemm_uses_fp8(dev, 1024, 40, 64) is False  # N not a multiple of 16: never FP8
+    assert len(layer.planner.choices) == 2
+
+
+def test_gemm_planner_compares_the_two_real_gemm_paths():
+    from coatflux.core.gemm import GemmPlanner
+
+    seen = []
+
+    def timer(fn, device):
+        seen.append(fn())
+        return float(len(seen))  # the first path timed (FP8) is reported faster
+
+    planner = GemmPlanner(timer=timer)
+    try:
+        decision = planner.use_fp8(torch.device("cpu"), 32, 16, 32, torch.float32)
+    except (RuntimeError, NotImplementedError):
+        pytest.skip("this PyTorch build has no CPU torch._scaled_mm to time")
+    assert decision is True and seen[0].shape == seen[1].shape == (32, 16)
+    assert sqnr_db(seen[1], seen[0].float()) > 30

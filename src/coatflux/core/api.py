@@ -31,7 +31,7 @@ from torch import nn
 
 from coatflux.core.activation import ActivationCompressor
 from coatflux.core.config import ActivationConfig, COATConfig
-from coatflux.core.gemm import fp8_gemm_support
+from coatflux.core.gemm import GemmPlanner, fp8_gemm_support
 from coatflux.core.linear import FP8Linear, InputCache
 from coatflux.core.nonlinear import fused_replacement
 from coatflux.core.optim import FP8AdamW
@@ -75,12 +75,15 @@ def _float8_available() -> bool:
 
 
 def _convert_linears(model: nn.Module, config: COATConfig, cache: InputCache) -> list[str]:
+    planner = GemmPlanner() if config.activation.gemm_autotune else None
     converted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and _matches(full, config.include, config.exclude):
-                setattr(module, child_name, FP8Linear.from_linear(child, config.activation, cache))
+                layer = FP8Linear.from_linear(child, config.activation, cache)
+                layer.planner = planner
+                setattr(module, child_name, layer)
                 converted.append(full)
     return converted
 

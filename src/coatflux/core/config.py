@@ -112,7 +112,8 @@ class ActivationConfig:
     no rescaling inside its K loop); inputs of non-linear ops default to ``per_group`` 1 x
     ``group_size`` scaling, which follows local outliers (COAT's mixed granularity).
     ``keep_attention_bf16`` leaves scaled-dot-product attention's saved tensors untouched, as COAT
-    does; ``fused_nonlinear`` swaps LayerNorm, RMSNorm and GELU modules for versions that save
+    does; ``gemm_autotune`` times the FP8 and the plain GEMM once per shape on the GPU and keeps
+    the faster (small GEMMs do not gain from FP8); ``fused_nonlinear`` swaps LayerNorm, RMSNorm and GELU modules for versions that save
     one FP8 input and recompute their output (:mod:`coatflux.core.nonlinear`);
     ``min_saved_numel`` skips tiny saved tensors (per-sample modulation vectors, norm statistics)
     whose compression saves nothing.
@@ -123,6 +124,7 @@ class ActivationConfig:
     nonlinear_granularity: str = "per_group"
     group_size: int = 16
     fp8_gemm: bool = True
+    gemm_autotune: bool = True
     keep_attention_bf16: bool = True
     fused_nonlinear: bool = True
     min_saved_numel: int = 4096
@@ -136,6 +138,7 @@ class ActivationConfig:
         _check_choice(self.nonlinear_granularity, GRANULARITIES, f"{path}.nonlinear_granularity")
         _check_power_of_two(self.group_size, f"{path}.group_size", low=2, high=4096)
         _check_bool(self.fp8_gemm, f"{path}.fp8_gemm")
+        _check_bool(self.gemm_autotune, f"{path}.gemm_autotune")
         _check_bool(self.keep_attention_bf16, f"{path}.keep_attention_bf16")
         _check_bool(self.fused_nonlinear, f"{path}.fused_nonlinear")
         if isinstance(self.min_saved_numel, bool) or not isinstance(self.min_saved_numel, int) \

@@ -8,6 +8,9 @@ Everywhere else it dequantizes both operands and multiplies in ``out_dtype``: th
 to accumulation order, so CPU tests exercise the same code, and :func:`fp8_mm_reference` is the
 specification the fast path is tested against.
 
+Where both are possible, :class:`GemmPlanner` times them once per shape and keeps the faster
+(FP8 does not pay for small GEMMs).
+
 Why ``_scaled_mm`` rather than a Triton ``tl.dot`` kernel (COAT's choice): cuBLAS handles every
 shape and tile size, needs no autotuning and has no boundary bugs of our own; fusing epilogues
 (bias, output quantization) is left to the kernels that need it.
@@ -16,9 +19,13 @@ shape and tile size, needs no autotuning and has no boundary bugs of our own; fu
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,3 +87,59 @@ def fp8_mm(
         )
     compute = out_dtype if a.is_cuda else torch.float32
     return ((a.to(compute) * scale_a.to(compute)) @ (b.to(compute) * scale_b.to(compute)).t()).to(out_dtype)
+
+
+Timer = Callable[[Callable[[], object], torch.device], float]
+
+
+def cuda_event_time(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Median milliseconds of ``fn`` on ``device`` after one warm-up call, timed with CUDA events."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+class GemmPlanner:
+    """Decides per GEMM shape whether the FP8 tensor-core GEMM pays, by timing both ways once.
+
+    For small GEMMs (a 512x512 image is 1024 tokens; the AdaLN linears have one row per sample)
+    ``_scaled_mm`` can lose to a plain multiply of the dequantized operands, because its fixed
+    costs do not amortise. Rather than a hand-set size threshold, which would be wrong on the next
+    card, each distinct (device, M, N, K, dtype) is timed once on random operands -- both paths
+    take the same FP8 inputs, so only the GEMM itself is compared -- and the faster is remembered
+    for the rest of the run. A few shapes per resolution, a few milliseconds each.
+    """
+
+    def __init__(self, timer: Timer | None = None) -> None:
+        self._timer = timer or cuda_event_time
+        self._choices: dict[tuple, bool] = {}
+
+    def use_fp8(self, device: torch.device, m: int, n: int, k: int, dtype: torch.dtype) -> bool:
+        key = (device, m, n, k, dtype)
+        if key not in self._choices:
+            self._choices[key] = self._fp8_is_faster(device, m, n, k, dtype)
+            logger.info("GEMM %dx%dx%d (%s): %s", m, n, k, dtype,
+                        "FP8 tensor cores" if self._choices[key] else f"{dtype} (faster than FP8 at this size)")
+        return self._choices[key]
+
+    @property
+    def choices(self) -> dict[tuple, bool]:
+        """Every decision made so far: (device, M, N, K, dtype) -> FP8 chosen."""
+        return dict(self._choices)
+
+    @torch.no_grad()
+    def _fp8_is_faster(self, device: torch.device, m: int, n: int, k: int, dtype: torch.dtype) -> bool:
+        from coatflux.core.formats import E4M3, quantize
+
+        a = quantize(torch.randn(m, k, device=device, dtype=dtype), E4M3, "tensor")
+        b = quantize(torch.randn(n, k, device=device, dtype=dtype), E4M3, "tensor")
+        fp8 = self._timer(lambda: fp8_mm(a.data, a.scale, b.data, b.scale, dtype, True), device)
+        plain = self._timer(lambda: fp8_mm(a.data, a.scale, b.data, b.scale, dtype, False), device)
+        return fp8 < plain

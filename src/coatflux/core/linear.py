@@ -34,7 +34,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from coatflux.core.config import ActivationConfig
 from coatflux.core.formats import E4M3, E5M2, QuantizedTensor, dequantize, quantize
-from coatflux.core.gemm import fp8_gemm_support, fp8_mm, shape_supported
+from coatflux.core.gemm import GemmPlanner, fp8_gemm_support, fp8_mm, shape_supported
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class FP8Linear(nn.Module):
         self.config = config
         self.input_cache = input_cache
         self.input_saved_by_hooks = False  # set by apply_coat when an ActivationCompressor stores inputs
+        self.planner: GemmPlanner | None = None  # set by apply_coat: per-shape FP8-or-not decisions
         self.register_parameter("weight", None)
         self.bias: nn.Parameter | None = None
         self.register_buffer("weight_fp8", None)
@@ -225,7 +226,7 @@ class FP8Linear(nn.Module):
             return False
         support = fp8_gemm_support(device)
         if support.available and shape_supported(m, n, k):
-            return True
+            return self.planner is None or self.planner.use_fp8(device, m, n, k, self.compute_dtype)
         if support.available and not self._fallback_logged:
             logger.info("FP8Linear(%d -> %d): GEMM of shape %dx%dx%d not supported by torch._scaled_mm; "
                         "this layer multiplies in %s", self.in_features, self.out_features, m, n, k,
