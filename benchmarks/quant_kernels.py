@@ -15,29 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
 from coatflux.core.formats import E4M3, E5M2, dequantize_reference, quantize_reference
+from coatflux.core.gemm import cuda_event_time
 from coatflux.kernels import quant
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_event_time(fn, torch.device("cuda"), repeats, warmup=3)
 
 
 def _compile_s(fn: Callable[[], object]) -> float:

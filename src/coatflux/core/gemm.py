@@ -92,9 +92,11 @@ def fp8_mm(
 Timer = Callable[[Callable[[], object], torch.device], float]
 
 
-def cuda_event_time(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    """Median milliseconds of ``fn`` on ``device`` after one warm-up call, timed with CUDA events."""
-    fn()
+def cuda_event_time(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn`` on ``device`` after ``warmup`` calls, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
