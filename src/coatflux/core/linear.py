@@ -21,11 +21,16 @@ Choices:
   tensor cores use the emulated GEMM of :mod:`coatflux.core.gemm`; a layer says so once in the
   log. The LoRA branch runs in the adapter's dtype (fp32 by default): its GEMMs have rank-sized
   dimensions, where FP8 would save nothing.
+* ``range_observer`` (``None`` by default, so nothing runs) is called with every tensor the layer
+  quantizes -- ``("input", x, xq)``, ``("weight", w, wq)`` for a trainable weight and
+  ``("grad_output", g, gq)`` -- so :class:`coatflux.core.stats.FP8RangeMonitor` can count
+  overflow and underflow without patching anything.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +42,8 @@ from coatflux.core.formats import E4M3, E5M2, QuantizedTensor, dequantize, quant
 from coatflux.core.gemm import GemmPlanner, fp8_gemm_support, fp8_mm, shape_supported
 
 logger = logging.getLogger(__name__)
+
+RangeObserver = Callable[[str, torch.Tensor, QuantizedTensor], None]
 
 
 class InputCache:
@@ -75,6 +82,7 @@ class _FP8LinearFunction(torch.autograd.Function):
                 lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
                 layer: FP8Linear, lora_scale: float) -> torch.Tensor:
         xq = layer.quantized_input(x)
+        layer.observe_range("input", x, xq)
         w_codes, w_scale = layer.fp8_weight(weight)
         x2 = x.reshape(-1, layer.in_features)
         m = x2.shape[0]
@@ -110,6 +118,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_b = grad_a = grad_lb = None
         gq = quantize(g2, E5M2, "tensor") if (need_x or need_w) else None
+        if gq is not None:
+            layer.observe_range("grad_output", g2, gq)
         if need_x:
             w_codes, w_scale = layer.fp8_weight(weight)
             use = layer.gemm_uses_fp8(g2.device, m, k, n)
@@ -165,6 +175,9 @@ class FP8Linear(nn.Module):
     returns ``x W^T + b + lora_scale * (x A^T) B^T``.
     """
 
+    # Called as (kind, original tensor, its QuantizedTensor) for each quantization; see module doc.
+    range_observer: RangeObserver | None = None
+
     def __init__(self, in_features: int, out_features: int, config: ActivationConfig,
                  input_cache: InputCache | None = None) -> None:
         super().__init__()
@@ -212,7 +225,13 @@ class FP8Linear(nn.Module):
         if weight is None:
             return self.weight_fp8, self.weight_scale
         q = quantize(weight.detach(), E4M3, "tensor")
+        self.observe_range("weight", weight, q)
         return q.data, q.scale
+
+    def observe_range(self, kind: str, x: torch.Tensor, q: QuantizedTensor) -> None:
+        """Hand one quantization to :attr:`range_observer`, if one is attached (else a no-op)."""
+        if self.range_observer is not None:
+            self.range_observer(kind, x, q)
 
     def quantized_input(self, x: torch.Tensor) -> QuantizedTensor:
         granularity, group = self.config.linear_granularity, self.config.group_size
