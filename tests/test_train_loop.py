@@ -132,10 +132,13 @@ def test_outputs_layout_metadata_and_checkpoint(tmp_path: Path, tiny_flux_dir: P
     assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
     assert json.loads(meta["training_info"])["step"] == 6 and meta["ss_base_model_version"] == "flux.1"
     assert meta["trigger_word"] == "zxq" and json.loads(meta["software"])["name"] == "coatflux"
-    ckpt = torch.load(out / "optimizer.pt", weights_only=True)
+    # newest max_checkpoints_to_keep (2) checkpoints kept: steps 4 and 6 (the final one)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000000004.pt", "step_000000006.pt"]
+    ckpt = torch.load(out / "checkpoints" / "step_000000006.pt", weights_only=True)
+    assert result.checkpoint == out / "checkpoints" / "step_000000006.pt"
     assert ckpt["step"] == 6 and ckpt["ema"] is not None and isinstance(ckpt["rng"]["python_random"], list)
     assert yaml.safe_load((out / "config.yaml").read_text())["config"]["name"] == "run"
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.rglob(".*.tmp"))
     assert list((tmp_path / "tb" / "run").glob("events.out.tfevents.*"))
 
 

@@ -40,7 +40,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, tiny_flux_dir: Path, c
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert second.losses == straight.losses[3:]
-    ckpt_a = torch.load(second.output_dir / "optimizer.pt", weights_only=True)
-    ckpt_b = torch.load(straight.output_dir / "optimizer.pt", weights_only=True)
-    for key in ckpt_a["lora"]:
-        assert torch.equal(ckpt_a["lora"][key], ckpt_b["lora"][key]), key
+    ckpt_a = torch.load(second.checkpoint, weights_only=True)
+    ckpt_b = torch.load(straight.checkpoint, weights_only=True)
+    for key in ckpt_a["weights"]:
+        assert torch.equal(ckpt_a["weights"][key], ckpt_b["weights"][key]), key

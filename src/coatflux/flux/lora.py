@@ -35,13 +35,14 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from coatflux.atomic import atomic_write
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 KEY_PREFIX = "transformer."
@@ -320,7 +321,7 @@ def save_lora(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write a safetensors file atomically (temp file + ``os.replace``) and return its path.
+    """Write a safetensors file atomically (:func:`coatflux.atomic.atomic_write`) and return its path.
 
     Metadata values that are not strings are JSON-encoded (safetensors stores strings only).
     """
@@ -331,16 +332,7 @@ def save_lora(
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

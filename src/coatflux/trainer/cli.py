@@ -44,12 +44,23 @@ def parse_overrides(items: list[str], steps: int | None = None) -> dict[str, Any
 
 def run(args: argparse.Namespace) -> int:
     from coatflux.trainer.config import load_config
+    from coatflux.trainer.faults import NonFiniteError, TrainingOutOfMemory
     from coatflux.trainer.loop import train
 
     cfg = load_config(args.config, parse_overrides(args.overrides, args.steps))
-    result = train(cfg, overwrite=args.overwrite, device=args.device)
-    print(f"LoRA: {result.lora_path}")
+    try:
+        result = train(cfg, overwrite=args.overwrite, device=args.device)
+    except (NonFiniteError, TrainingOutOfMemory) as error:
+        print(f"error: {error}")
+        return 1
+    if result.stopped_by is not None:
+        print(f"Stopped by {result.stopped_by} at step {result.steps}; checkpoint {result.checkpoint}. "
+              f"Resume with the same command: coatflux train {args.config}")
+        return 130 if result.stopped_by == "SIGINT" else 143
+    print(f"{'LoRA' if cfg.network.type == 'lora' else 'Transformer'}: {result.lora_path}")
     if result.samples:
         print(f"Samples: {result.samples[0].parent} ({len(result.samples)} images, last {result.samples[-1].name})")
-    print(f"Checkpoint: {result.output_dir / 'optimizer.pt'} (run again with more train.steps to continue)")
+    if result.skipped_steps:
+        print(f"Skipped steps (non-finite loss or gradient): {result.skipped_steps}")
+    print(f"Checkpoint: {result.checkpoint} (run again with more train.steps to continue)")
     return 0

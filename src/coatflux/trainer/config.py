@@ -31,6 +31,7 @@ Relative paths are resolved against the current directory, as in ai-toolkit.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -78,6 +79,10 @@ TIMESTEP_TYPES = ("sigmoid", "linear", "shift", "flux_shift")
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 MIN_RESOLUTION = 64
+# Images are never upscaled, so a huge resolution trains big photos at full size: 4096 px (16 MP)
+# is already 8x FLUX.1's ~2 MP training size; anything above is a typo, not a plan.
+MAX_RESOLUTION = 4096
+MAX_SANE_LR = 1.0  # above this ConfigWarning says the run will diverge (see _train)
 
 
 def _fail(path: str, expected: str, value: Any) -> ConfigError:
@@ -100,13 +105,13 @@ def _optional(check: Check) -> Check:
     return lambda value, path: None if value is None else check(value, path)
 
 
-def _int(low: int) -> Check:
+def _int(low: int, high: int | None = None) -> Check:
     def check(value: Any, path: str) -> int:
         # An integral float (1e3 from the float resolver) is an int; 2.5 steps is not.
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _fail(path, f"an integer >= {low}", value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            raise _fail(path, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]", value)
         return value
     return check
 
@@ -164,6 +169,8 @@ def _path(value: Any, path: str) -> Path:
 
 def _existing_dir(value: Any, path: str) -> Path:
     folder = _path(value, path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{path}: '{folder}' is a file, not a folder")
     if not folder.is_dir():
         raise ConfigError(f"{path}: folder '{folder}' does not exist")
     return folder
@@ -189,8 +196,9 @@ def _caption_ext(value: Any, path: str) -> str:
 
 def _resolutions(value: Any, path: str) -> tuple[int, ...]:
     # ai-toolkit accepts any size and snaps buckets to 32 px; below 64 px FLUX has 2x2 latent tokens.
+    # The upper bound catches typos (100000) before they turn into an out-of-memory error mid-run.
     items = value if isinstance(value, list | tuple) else [value]
-    check = _int(MIN_RESOLUTION)
+    check = _int(MIN_RESOLUTION, MAX_RESOLUTION)
     if not items:
         raise _fail(path, "a size or a list of sizes", value)
     return tuple(check(v, f"{path}[{i}]" if isinstance(value, list | tuple) else path)
@@ -244,9 +252,13 @@ class NetworkKwargs:
 @dataclass(frozen=True)
 class NetworkConfig:
     """``network:``. ``linear`` (alias ``rank``) is the LoRA rank; ``linear_alpha`` (alias
-    ``alpha``) defaults to the rank, i.e. scale 1, which is what ai-toolkit always uses for FLUX."""
+    ``alpha``) defaults to the rank, i.e. scale 1, which is what ai-toolkit always uses for FLUX.
 
-    type: str = _spec("lora", _choice("lora"))
+    ``type: full`` is coatflux's full fine-tune: the transformer's own weights are trained (those
+    whose names match ``network_kwargs``, all of them by default) instead of adapters; rank and
+    alpha are then unused."""
+
+    type: str = _spec("lora", _choice("lora", "full"))
     linear: int = _spec(4, _int(1))
     linear_alpha: float | None = _spec(None, _optional(_number(positive=True)))
     network_kwargs: NetworkKwargs = field(default_factory=NetworkKwargs)
@@ -270,6 +282,9 @@ class SaveConfig:
     dtype: str = _spec("float16", _dtype)
     save_every: int = _spec(1000, _int(1))
     max_step_saves_to_keep: int = _spec(5, _int(1))
+    # coatflux: resumable checkpoints kept (newest first); an unreadable newest one falls back to
+    # the next, so keep at least two where disk allows.
+    max_checkpoints_to_keep: int = _spec(2, _int(1))
 
 
 @dataclass(frozen=True)
@@ -330,6 +345,9 @@ class TrainConfig:
     train_text_encoder: bool = _spec(False, _bool)
     noise_offset: float = _spec(0.0, _number(0.0))
     loss_type: str = _spec("mse", _choice("mse"))
+    # coatflux: optimizer steps with a non-finite loss or gradient are skipped; this many in a row
+    # stop the run with a checkpoint and a diagnosis.
+    max_nonfinite_steps: int = _spec(5, _int(1))
 
 
 @dataclass(frozen=True)
@@ -461,9 +479,9 @@ def _network(data: Any, path: str, ctx: _Context) -> NetworkConfig:
     data = _mapping(data, path)
     kwargs = _build(NetworkKwargs, _section(data, "network_kwargs", path), f"{path}.network_kwargs", ctx,
                     NETWORK_KWARGS_IGNORED)
-    if isinstance(data.get("type"), str) and data["type"].lower() != "lora":
+    if isinstance(data.get("type"), str) and data["type"].lower() not in ("lora", "full"):
         raise ConfigError(f"{path}.type: {data['type']!r} is not supported; coatflux trains plain LoRA "
-                          "(type: lora)")
+                          "(type: lora) or the transformer's own weights (type: full)")
     return _build(NetworkConfig, data, path, ctx, NETWORK_IGNORED, {"rank": "linear", "alpha": "linear_alpha"},
                   ("network_kwargs",), network_kwargs=kwargs)
 
@@ -483,6 +501,9 @@ def _train(data: Any, path: str, ctx: _Context) -> TrainConfig:
                           "set it to false (the LoRA goes on the transformer)")
     if not train.train_unet:
         raise ConfigError(f"{path}.train_unet: false leaves nothing to train; set it to true")
+    if train.lr > MAX_SANE_LR:  # possible, so not an error, but every optimizer here diverges at once
+        ctx.notes.append(f"{path}.lr: {train.lr:g} is far above any LoRA learning rate (1e-5 to 1e-3 are "
+                         "usual); expect the loss to diverge")
     return replace(train, noise_scheduler="flowmatch")
 
 
@@ -574,10 +595,22 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _read(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
     try:
-        return json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_Loader)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        # utf-8-sig: Windows editors often write a BOM, which json.loads would refuse.
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start}); save the file as UTF-8") from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: cannot parse: {error}") from None
+    stream = io.StringIO(text)
+    stream.name = str(path)  # type: ignore[misc]  # PyYAML's error marks name the stream: file and line
+    try:
+        return yaml.load(stream, Loader=_Loader)
+    except yaml.YAMLError as error:
         raise ConfigError(f"{path}: cannot parse: {error}") from None
 
 
@@ -617,7 +650,10 @@ def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
 def _top_level(data: Any, source: Path) -> tuple[str, dict[str, Any]]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping with job, config and meta at the top level")
-    check_known_keys(data, ["job", "config", "meta"], "")
+    try:
+        check_known_keys(data, ["job", "config", "meta"], "")
+    except ConfigError as error:  # the top level has no path: drop the separator's leading dot
+        raise ConfigError(str(error).removeprefix(".")) from None
     if data.get("job") != "extension":
         raise ConfigError(f"job: {data.get('job')!r} is not supported; ai-toolkit training files use "
                           "'job: extension'")
@@ -644,6 +680,8 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainJob
     ignored keys and reinterpreted values.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file does not exist")
     data = _read(path)

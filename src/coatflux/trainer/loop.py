@@ -1,39 +1,44 @@
-"""The training loop: an ai-toolkit FLUX LoRA job, with COAT FP8 memory savings, start to finish.
+"""The training loop: an ai-toolkit FLUX job (LoRA or full fine-tune) with COAT FP8 savings, start to finish.
 
 Read :func:`train` top to bottom; each phase is one short helper below it:
 
 1. **Check before loading.** The config was validated by ``load_config``; here the dataset folders
-   are scanned and the output folder is checked (resume, or refuse to overwrite a finished run)
-   before a single weight is read, because loading FLUX takes minutes.
-2. **Load and cache.** All components load on the CPU in ``train.dtype``. The batches of the whole
-   run are planned up front (they are a pure function of (seed, epoch), see
+   are scanned and the output folder is checked (resume from the newest usable checkpoint, or
+   refuse to overwrite a finished run) before a single weight is read, because loading FLUX takes
+   minutes.
+2. **Load and cache.** All components load on the CPU in ``train.dtype``. The micro-batches of
+   the whole run are planned up front (they are a pure function of (seed, epoch), see
    :mod:`coatflux.trainer.data`), so every caption and image the run will use is known: with
    caching on, each is encoded exactly once, then the text encoders (and the VAE, unless sampling
-   needs it) are freed for the training phase. Sample prompts are encoded with the captions.
-3. **Prepare the transformer.** Freeze it; with COAT (``coat.enabled`` and
-   ``coat.activation.use_fp8``) its block linears become FP8 linears with compressed saved
-   activations (``model.quantize`` alone gives FP8 weights and GEMMs without activation
-   compression); *then* LoRA adapters wrap those linears, in fp32. Order matters: LoRA on top of
-   FP8Linear lets one FP8 copy of each input serve the frozen GEMM and the adapter's backward.
+   needs it) are freed for the training phase.
+3. **Prepare the transformer.** :func:`~coatflux.trainer.network.build_network` freezes it, makes
+   the trained part trainable (LoRA adapters or selected weights), converts it to FP8 as
+   configured and moves it to the device; with several processes it is wrapped for DDP
+   (:mod:`coatflux.trainer.distributed`).
 4. **Train.** Rectified-flow loss (:mod:`coatflux.trainer.timesteps`), ``gradient_accumulation``
-   micro-batches per optimizer step, gradient clipping, LR schedule, optional EMA; a tqdm bar,
-   optional TensorBoard, the guide's memory lines; LoRA files, ``optimizer.pt`` and samples on
-   their periods (:mod:`coatflux.trainer.checkpoint`, :mod:`coatflux.trainer.sampling`).
+   micro-batches per optimizer step on each process, gradient clipping, LR schedule, optional EMA;
+   a tqdm bar, optional TensorBoard, the guide's memory lines; weight files, checkpoints and
+   samples on their periods. What goes wrong is handled between steps
+   (:mod:`coatflux.trainer.faults`): SIGINT/SIGTERM save and stop, a non-finite step is skipped
+   and diagnosed, running out of memory saves and explains.
 
-Determinism is designed in, not hoped for: noise and timesteps come from one CPU generator seeded
-by ``training_seed``, latent sampling from a generator seeded by each image's cache key, and
-sampling from per-sample generators. With the checkpoint restoring the generator, optimizer,
-schedule, EMA, raw LoRA and data position, a run stopped at a checkpoint and resumed ends with
-the same LoRA, bit for bit, as an uninterrupted one (on CPU; CUDA kernels may differ in the last
-bit between runs).
+Determinism is designed in, not hoped for: each micro-batch draws its noise and timesteps from a
+CPU generator seeded by ``(training_seed, its global index)``, latent sampling from a generator
+seeded by each image's cache key, and sampling from per-sample generators. With the checkpoint
+restoring the optimizer, schedule, EMA, raw trained tensors and data position, a run stopped at
+any step and resumed ends with the same weights, bit for bit, as an uninterrupted one (on CPU;
+CUDA kernels may differ in the last bit between runs), and N processes see the micro-batches
+one process would see with N times the accumulation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
 import itertools
+import json
 import logging
 import random
 import time
@@ -49,21 +54,14 @@ from tqdm.auto import tqdm
 
 from coatflux.core.accounting import module_bytes, optimizer_state_bytes, saved_activation_bytes
 from coatflux.flux.loading import encode_images, load_flux_components
-from coatflux.flux.lora import (
-    find_lora_targets,
-    inject_lora,
-    load_lora_state_dict,
-    lora_metadata,
-    lora_parameters,
-    lora_state_dict,
-    read_lora,
-    save_lora,
-)
+from coatflux.flux.lora import find_lora_targets, inject_lora, lora_metadata
 from coatflux.flux.packing import pack_latents, prepare_latent_image_ids, prepare_text_ids, unpack_latents
 from coatflux.trainer.cache import LatentCache, TextEmbeddingCache, cache_root
 from coatflux.trainer.checkpoint import (
+    CHECKPOINT_VERSION,
     RunPaths,
     capture_rng,
+    newest_checkpoint,
     prepare_output_dir,
     prune_step_loras,
     restore_rng,
@@ -72,19 +70,30 @@ from coatflux.trainer.checkpoint import (
 )
 from coatflux.trainer.config import TrainJobConfig
 from coatflux.trainer.data import Item, TrainingData
+from coatflux.trainer.distributed import Runtime, make_runtime
+from coatflux.trainer.faults import (
+    NonFiniteError,
+    NonFiniteGuard,
+    StopSignals,
+    TrainingOutOfMemory,
+    first_nonfinite_output,
+    gradient_norm,
+    nonfinite_gradients,
+    out_of_memory_advice,
+    signal_name,
+)
+from coatflux.trainer.network import BLOCKS, TrainedNetwork, build_network
 from coatflux.trainer.optimizers import LoRAEMA, build_lr_scheduler, build_optimizer
 from coatflux.trainer.report import MemoryTable, format_table, memory_line
 from coatflux.trainer.sampling import T5_MAX_LENGTH, Sampler, encode_prompts, sample_prompts
 from coatflux.trainer.timesteps import noisy_latents, sample_sigmas
 
 logger = logging.getLogger(__name__)
-BLOCKS = ("transformer_blocks", "single_transformer_blocks")
-CHECKPOINT_VERSION = 1
 
 
 @dataclass
 class TrainResult:
-    """What a finished run produced."""
+    """What a run produced. ``stopped_by`` names the signal when SIGINT/SIGTERM ended it early."""
 
     lora_path: Path
     output_dir: Path
@@ -93,67 +102,110 @@ class TrainResult:
     losses: list[float]
     resumed_from: int | None = None
     memory: MemoryTable | None = None
+    stopped_by: str | None = None
+    skipped_steps: int = 0
+    checkpoint: Path | None = None
 
 
 @dataclass
 class _State:
-    """Everything the loop mutates, in one place (and what the checkpoint saves)."""
+    """Everything the loop mutates, in one place (and what the checkpoint saves).
+
+    ``epoch``/``batch_index`` is the position of the next global micro-batch in the data plan and
+    ``micro_batches`` how many the run has consumed; both are the same on every process.
+    """
 
     step: int = 0
     epoch: int = 0
     batch_index: int = 0
+    micro_batches: int = 0
     seed: int = 0
     losses: list[float] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+    def position(self) -> tuple[int, int, int]:
+        return self.epoch, self.batch_index, self.micro_batches
+
+    def rewind(self, position: tuple[int, int, int]) -> None:
+        self.epoch, self.batch_index, self.micro_batches = position
+
+
+@dataclass
+class _Run:
+    """The objects one run trains with, built once in :func:`train`."""
+
+    cfg: TrainJobConfig
+    runtime: Runtime
+    paths: RunPaths
+    transformer: nn.Module  # the model itself: attributes, hooks, saving, sampling
+    model: nn.Module  # what the loss calls: the transformer, or its DDP wrapper
+    network: TrainedNetwork
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: LoRAEMA | None
+    guard: NonFiniteGuard
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
 
 def train(cfg: TrainJobConfig, *, overwrite: bool = False, device: str | torch.device | None = None) -> TrainResult:
-    """Train the LoRA described by ``cfg``; resumes from ``optimizer.pt`` when one is there."""
-    device = _pick_device(device or cfg.device)
+    """Train what ``cfg`` describes; resumes from the newest usable checkpoint when there is one."""
+    runtime = make_runtime(_pick_device(device or cfg.device))
     paths = RunPaths(cfg.output_dir, cfg.name)
     # 1. Check everything that can fail before loading the model.
     data = TrainingData(cfg.datasets, cfg.train.batch_size)
-    checkpoint = prepare_output_dir(paths, cfg.train.steps, overwrite)
+    checkpoint = _prepare_output(paths, cfg, overwrite, runtime)
     state = _initial_state(cfg, checkpoint)
-    write_config(paths, cfg.raw)
-    # 2. Load, plan the run's batches, fill the caches, free what training does not need.
+    # 2. Load, plan the run's micro-batches, fill the caches, free what training does not need.
     dtype = getattr(torch, cfg.train.dtype)
     components = load_flux_components(cfg.model.name_or_path, dtype, "cpu")
-    plan = _plan(data, cfg, state)
-    caches = _Caches(cfg, components, device, dtype)
-    caches.fill(plan, data)
-    sampler = _make_sampler(cfg, components, paths, device, dtype)
+    caches = _Caches(cfg, components, runtime.device, dtype)
+    plan = _plan(data, cfg, state, runtime.world_size)
+    _fill_caches(caches, plan, data, runtime)
+    sampler = _make_sampler(cfg, components, paths, runtime.device, dtype) if runtime.is_main else None
     caches.release_encoders(keep_vae=sampler is not None or not caches.all_latents_cached)
-    # 3. FP8/COAT, then LoRA, then device.
-    block_copies = _block_copies(components.transformer)
-    _prepare_transformer(components.transformer, cfg, device, state.seed)
-    params = lora_parameters(components.transformer)
+    # 3. Select what trains, convert to FP8, move to the device; optimizer, schedule, EMA.
+    transformer = components.transformer
+    block_copies = _block_copies(transformer) if runtime.is_main else {}
+    network = build_network(transformer, cfg, runtime.device, state.seed)
+    params = network.parameters()
     optimizer = build_optimizer(params, cfg.train, cfg.coat)
-    scheduler = build_lr_scheduler(optimizer, cfg.train)
-    if cfg.network.pretrained_lora_path and checkpoint is None:
-        load_lora_state_dict(components.transformer, read_lora(cfg.network.pretrained_lora_path)[0])
     ema = LoRAEMA(params, cfg.train.ema_config.ema_decay) if cfg.train.ema_config.use_ema else None
-    generator = torch.Generator().manual_seed(state.seed)
+    run = _Run(cfg, runtime, paths, transformer, transformer, network, optimizer,
+               build_lr_scheduler(optimizer, cfg.train), ema, NonFiniteGuard(cfg.train.max_nonfinite_steps))
     if checkpoint is not None:
-        _restore(checkpoint, components.transformer, optimizer, scheduler, ema, generator)
-        print(f"Resuming {cfg.name} from {paths.checkpoint} at step {state.step} "
-              f"(epoch {state.epoch}, batch {state.batch_index}) of {cfg.train.steps}")
+        _restore(run, checkpoint)
+        _say(runtime, f"Resuming {cfg.name} from {_checkpoint_name(paths, checkpoint)} at step {state.step} "
+                      f"(epoch {state.epoch}, batch {state.batch_index}) of {cfg.train.steps}")
+    run.model = runtime.wrap(transformer)
     # 4. Train.
-    table = _measure_memory(cfg, components.transformer, block_copies, caches, plan[0], device)
-    del block_copies
+    table = (_measure_memory(cfg, transformer, params, block_copies, caches, plan[0], runtime.device)
+             if runtime.is_main else None)
+    del block_copies, plan
     if sampler is not None and checkpoint is None and not cfg.train.skip_first_sample:
         state.samples += _sample(sampler, ema, 0)
-    loop = _Loop(cfg, components.transformer, optimizer, scheduler, ema, generator, caches, device, table)
-    loop.run(state, _batch_stream(data, state), paths, sampler)
-    final = _save_final(cfg, paths, components.transformer, optimizer, scheduler, ema, generator, state)
+    stopped = _Loop(run, caches, table).run(state, _batch_stream(data, state), sampler)
+    resumed = None if checkpoint is None else int(checkpoint["step"])
+    if stopped is not None:
+        return TrainResult(paths.output_dir, paths.output_dir, state.samples, state.step, state.losses, resumed,
+                           table, stopped, run.guard.total, state.checkpoint)
+    final = _save_final(run, state)
     if sampler is not None:
         state.samples += _sample(sampler, ema, state.step)
-    return TrainResult(final, paths.output_dir, state.samples, state.step, state.losses,
-                       None if checkpoint is None else int(checkpoint["step"]), table)
+    return TrainResult(final, paths.output_dir, state.samples, state.step, state.losses, resumed, table,
+                       None, run.guard.total, state.checkpoint)
+
+
+def _say(runtime: Runtime, message: str) -> None:
+    if runtime.is_main:
+        tqdm.write(message)
 
 
 # ----------------------------------------------------------------------------------------------
-# Phase 1: device, seed and resume position.
+# Phase 1: device, output folder, seed and resume position.
 
 
 def _pick_device(name: str | torch.device) -> torch.device:
@@ -165,17 +217,53 @@ def _pick_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def fingerprint(cfg: TrainJobConfig) -> dict[str, str]:
+    """The settings a checkpoint's tensors and data position depend on (see :mod:`.checkpoint`)."""
+    net, train = cfg.network, cfg.train
+    values: dict[str, Any] = {
+        "model.name_or_path": cfg.model.name_or_path, "network.type": net.type,
+        "network.network_kwargs": [list(net.network_kwargs.only_if_contains),
+                                   list(net.network_kwargs.ignore_if_contains)],
+        "train.optimizer": train.optimizer, "train.batch_size": train.batch_size,
+        "train.gradient_accumulation": train.gradient_accumulation, "train.dtype": train.dtype,
+        "train.ema_config.use_ema": train.ema_config.use_ema,
+    }
+    if net.type == "lora":
+        values.update({"network.linear": net.linear, "network.linear_alpha": net.alpha})
+    if train.optimizer == "coat_fp8_adamw":
+        values["coat.optimizer"] = repr(cfg.coat.optimizer)
+    return {key: json.dumps(value) for key, value in values.items()}
+
+
+def _prepare_output(paths: RunPaths, cfg: TrainJobConfig, overwrite: bool, runtime: Runtime) -> dict[str, Any] | None:
+    """The checkpoint to resume from; only the main process deletes or writes anything."""
+    if runtime.is_main:
+        checkpoint = prepare_output_dir(paths, cfg.train.steps, overwrite, fingerprint(cfg))
+        write_config(paths, cfg.raw)
+    runtime.barrier()
+    if not runtime.is_main:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the main process has reported each skipped checkpoint
+            checkpoint = None if overwrite else newest_checkpoint(paths, fingerprint(cfg))
+    return checkpoint
+
+
+def _checkpoint_name(paths: RunPaths, checkpoint: dict[str, Any]) -> str:
+    return str(paths.checkpoint(int(checkpoint["step"])))
+
+
 def _initial_state(cfg: TrainJobConfig, checkpoint: dict[str, Any] | None) -> _State:
     if checkpoint is not None:
         return _State(step=int(checkpoint["step"]), epoch=int(checkpoint["epoch"]),
-                      batch_index=int(checkpoint["batch_index"]), seed=int(checkpoint["seed"]))
+                      batch_index=int(checkpoint["batch_index"]), micro_batches=int(checkpoint["micro_batches"]),
+                      seed=int(checkpoint["seed"]))
     # No training_seed: draw one, and record it in the checkpoint so a resume stays consistent.
     seed = cfg.training_seed if cfg.training_seed is not None else random.SystemRandom().randrange(2**31)
     return _State(seed=seed)
 
 
 def _batch_stream(data: TrainingData, state: _State) -> Iterator[tuple[int, int, list[Item]]]:
-    """``(epoch, index, batch)`` forever, from the state's data position."""
+    """Global ``(epoch, index, batch)`` micro-batches forever, from the state's data position."""
     epoch, index = state.epoch, state.batch_index
     while True:
         batches = data.epoch_batches(epoch, state.seed)
@@ -184,10 +272,17 @@ def _batch_stream(data: TrainingData, state: _State) -> Iterator[tuple[int, int,
         epoch, index = epoch + 1, 0
 
 
-def _plan(data: TrainingData, cfg: TrainJobConfig, state: _State) -> list[list[Item]]:
-    """Every micro-batch the rest of the run will use (so caches can be filled once)."""
-    count = (cfg.train.steps - state.step) * cfg.train.gradient_accumulation
-    return [batch for _, _, batch in itertools.islice(_batch_stream(data, state), max(count, 1))]
+def _plan(data: TrainingData, cfg: TrainJobConfig, state: _State, world_size: int) -> list[list[Item]]:
+    """Every global micro-batch the rest of the run will use (so caches can be filled once)."""
+    count = (cfg.train.steps - state.step) * cfg.train.gradient_accumulation * world_size
+    return [batch for _, _, batch in itertools.islice(_batch_stream(data, state), max(count, world_size))]
+
+
+def _noise_generator(seed: int, micro_batch: int) -> torch.Generator:
+    # One generator per global micro-batch: the same micro-batch gets the same noise on any
+    # process, after any resume, and when it is replayed to find a non-finite value.
+    digest = hashlib.sha256(f"{seed}:{micro_batch}".encode()).hexdigest()
+    return torch.Generator().manual_seed(int(digest[:15], 16))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +353,11 @@ class _Caches:
             return self.text.embeddings(captions, self._encode_text)
         return self._encode_text(captions)
 
+    @property
+    def writes_files(self) -> bool:
+        stores = [c.store for c in self.latent if c is not None] + ([self.text.store] if self.text else [])
+        return any(store.to_disk for store in stores)
+
     def release_encoders(self, keep_vae: bool) -> None:
         """Free what training does not need: text encoders once captions are cached, the VAE too."""
         c = self.components
@@ -280,61 +380,50 @@ def _make_sampler(cfg: TrainJobConfig, components, paths: RunPaths, device: torc
     return Sampler(components, items, embeddings, paths.samples, cfg.sample.format, device)
 
 
+
+
+def _fill_caches(caches: _Caches, plan: list[list[Item]], data: TrainingData, runtime: Runtime) -> None:
+    """Encode what this process will train on; only the main process writes cache files."""
+    mine = plan[runtime.rank::runtime.world_size]
+    if runtime.is_main:
+        # Disk caches are shared: the main process fills them for every rank, the others then read.
+        caches.fill(plan if caches.writes_files else mine, data)
+    runtime.barrier()
+    if not runtime.is_main:
+        caches.fill(mine, data)
+
+
 # ----------------------------------------------------------------------------------------------
-# Phase 3: the transformer.
+# Phase 3: restoring a checkpoint.
 
 
-def _coat_on(cfg: TrainJobConfig) -> bool:
-    return cfg.coat.enabled and cfg.coat.activation.use_fp8
-
-
-def _prepare_transformer(transformer: nn.Module, cfg: TrainJobConfig, device: torch.device, seed: int) -> None:
-    """Freeze, convert to FP8 (COAT or ``model.quantize``), inject LoRA, move to ``device``."""
-    from coatflux.core.api import apply_coat, replace_linear_with_fp8
-
-    transformer.requires_grad_(False)
-    # Small parts first, so the FP8 conversion sees the target device; the big blocks are
-    # quantized where they are (CPU) and moved already in FP8: bf16 FLUX never has to fit.
-    for name, child in transformer.named_children():
-        if name not in BLOCKS:
-            child.to(device)
-    if _coat_on(cfg):
-        apply_coat(transformer, replace(cfg.coat, include=BLOCKS), device=device)
-    elif cfg.model.quantize:
-        replace_linear_with_fp8(transformer, replace(cfg.coat, enabled=True, include=BLOCKS), device=device)
-    kwargs = cfg.network.network_kwargs
-    targets = find_lora_targets(transformer, kwargs.only_if_contains, kwargs.ignore_if_contains)
-    # LoRA A is initialized randomly: seed it so the same training_seed gives the same run,
-    # without touching the caller's global RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        inject_lora(transformer, cfg.network.linear, cfg.network.alpha, targets, dtype=torch.float32)
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.to(device)
-    transformer.train()
-
-
-def _restore(checkpoint: dict[str, Any], transformer: nn.Module, optimizer, scheduler, ema, generator) -> None:
-    load_lora_state_dict(transformer, checkpoint["lora"], folded=False)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["lr_scheduler"])
+def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
+    run.network.load_raw_state(checkpoint["weights"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
     # The schedule is a function of train.steps, which a resume usually raises: recompute the
     # current lr from this run's schedule instead of keeping the one the old schedule left.
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+    scheduler = run.scheduler
+    for group, base, factor in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * factor(scheduler.last_epoch)
-    if ema is not None and checkpoint.get("ema") is not None:
-        ema.load_state_dict(checkpoint["ema"])
-    restore_rng(checkpoint["rng"], generator)
+    if run.ema is not None:
+        run.ema.load_state_dict(checkpoint["ema"])
+    run.guard.load_state_dict(checkpoint["nonfinite"])
+    restore_rng(checkpoint["rng"])
 
 
 # ----------------------------------------------------------------------------------------------
-# The forward pass shared by training and the memory measurement.
+# The forward pass shared by training, the memory measurement and the non-finite replay.
 
 
 def flow_matching_loss(transformer: nn.Module, latents: torch.Tensor, text: dict[str, torch.Tensor],
-                       cfg: TrainJobConfig, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Mean-squared error between the predicted and the true velocity ``noise - latents``."""
+                       cfg: TrainJobConfig, generator: torch.Generator, device: torch.device,
+                       model: nn.Module | None = None) -> torch.Tensor:
+    """Mean-squared error between the predicted and the true velocity ``noise - latents``.
+
+    ``model`` is what is called (a DDP wrapper of ``transformer``, say); ``transformer`` answers
+    questions about the architecture.
+    """
     dtype = next(p.dtype for n, p in transformer.named_parameters() if "lora_" not in n)
     b, _, h, w = latents.shape
     seq_len = (h // 2) * (w // 2)
@@ -343,7 +432,7 @@ def flow_matching_loss(transformer: nn.Module, latents: torch.Tensor, text: dict
     prompt = text["prompt_embeds"].to(device, dtype)
     guidance = (torch.full((b,), cfg.train.cfg_scale, device=device)
                 if transformer.config.guidance_embeds else None)
-    pred = transformer(
+    pred = (model or transformer)(
         hidden_states=pack_latents(noisy).to(dtype), encoder_hidden_states=prompt,
         pooled_projections=text["pooled_prompt_embeds"].to(device, dtype), timestep=sigmas.to(device, dtype),
         img_ids=prepare_latent_image_ids(h // 2, w // 2, device, dtype),
@@ -397,20 +486,22 @@ def _block_bytes(cfg: TrainJobConfig, attr: str, block: nn.Module, inputs: tuple
     from coatflux.core.api import apply_coat
 
     model = _OneBlock(attr, copy.deepcopy(block) if coat else block).to(device)
-    model.requires_grad_(False)
+    full = cfg.network.type == "full"
+    model.requires_grad_(full)  # a full fine-tune trains the block's own weights (all, here)
     if coat:
         apply_coat(model, replace(cfg.coat, enabled=True, include=BLOCKS))
-    inject_lora(model, cfg.network.linear, cfg.network.alpha, find_lora_targets(model), dtype=torch.float32)
+    if not full:
+        inject_lora(model, cfg.network.linear, cfg.network.alpha, find_lora_targets(model), dtype=torch.float32)
     args, kwargs = _leaf(inputs[0]), {k: _leaf(v) for k, v in inputs[1].items()}
     return saved_activation_bytes(model, lambda: model(*args, **kwargs))
 
 
-def _measure_memory(cfg: TrainJobConfig, transformer: nn.Module, copies: dict[str, nn.Module], caches: _Caches,
-                    batch: list[Item], device: torch.device) -> MemoryTable:
-    params = lora_parameters(transformer)
+def _measure_memory(cfg: TrainJobConfig, transformer: nn.Module, params: list[nn.Parameter],
+                    copies: dict[str, nn.Module], caches: _Caches, batch: list[Item],
+                    device: torch.device) -> MemoryTable:
     table = MemoryTable(frozen_weights=module_bytes(transformer, trainable=False),
                         trainable_weights=sum(p.numel() * p.element_size() for p in params),
-                        trainable_params=sum(p.numel() for p in params), coat_on=_coat_on(cfg),
+                        trainable_params=sum(p.numel() for p in params), coat_on=cfg.coat.enabled and cfg.coat.activation.use_fp8,
                         optimizer_name=cfg.train.optimizer)
     captured, handles = _capture_block_inputs(transformer)
     latents, text = caches.latents(batch), caches.text_embeddings(batch)
@@ -438,86 +529,195 @@ def _measure_memory(cfg: TrainJobConfig, transformer: nn.Module, copies: dict[st
 
 
 class _Loop:
-    """One optimizer step at a time, with logging, saving and sampling on their periods."""
+    """One optimizer step at a time, with logging, saving, sampling and fault handling."""
 
-    def __init__(self, cfg: TrainJobConfig, transformer: nn.Module, optimizer, scheduler, ema, generator,
-                 caches: _Caches, device: torch.device, table: MemoryTable) -> None:
-        self.cfg, self.transformer, self.optimizer, self.scheduler = cfg, transformer, optimizer, scheduler
-        self.ema, self.generator, self.caches, self.device, self.table = ema, generator, caches, device, table
-        self.params = lora_parameters(transformer)
-        every = cfg.coat.performance_log_every
-        self.log_every = every if every is not None else cfg.performance_log_every
-        self.writer = _tensorboard(cfg)
+    def __init__(self, run: _Run, caches: _Caches, table: MemoryTable | None) -> None:
+        self.run_, self.cfg, self.caches, self.table = run, run.cfg, caches, table
+        self.params = run.network.parameters()
+        every = run.cfg.coat.performance_log_every
+        self.log_every = every if every is not None else run.cfg.performance_log_every
+        self.writer = _tensorboard(run.cfg) if run.runtime.is_main else None
+        self.seed, self.in_optimizer_step = 0, False
+        self.samples_per_step = run.cfg.train.batch_size * run.cfg.train.gradient_accumulation * run.runtime.world_size
 
-    def run(self, state: _State, stream: Iterator, paths: RunPaths, sampler: Sampler | None) -> None:
-        total = self.cfg.train.steps
-        bar = tqdm(total=total, initial=state.step, desc=self.cfg.name, unit="step")
+    def run(self, state: _State, stream: Iterator, sampler: Sampler | None) -> str | None:
+        """Train to ``train.steps``; returns the signal's name if SIGINT/SIGTERM stopped it first."""
+        total, runtime = self.cfg.train.steps, self.run_.runtime
+        self.seed = state.seed
+        if runtime.world_size > 1:
+            _say(runtime, f"{runtime.world_size} processes, global batch {self.samples_per_step} "
+                          f"(batch {self.cfg.train.batch_size} x accumulation {self.cfg.train.gradient_accumulation} "
+                          f"x {runtime.world_size})")
+        bar = tqdm(total=total, initial=state.step, desc=self.cfg.name, unit="step", disable=not runtime.is_main)
         try:
-            while state.step < total:
-                started = time.perf_counter()
-                loss = self.step(state, stream)
-                state.step += 1
-                state.losses.append(loss)
-                self._log(state, loss, time.perf_counter() - started, bar)
-                self._periodic(state, paths, sampler)
+            with StopSignals() as signals:
+                while state.step < total:
+                    started = time.perf_counter()
+                    loss = self._guarded_step(state, stream)
+                    state.step += 1
+                    state.losses.append(loss)
+                    self._log(state, loss, time.perf_counter() - started, bar)
+                    self._periodic(state, sampler)
+                    if runtime.any(signals.received is not None) and state.step < total:
+                        return self._stop(state, signals.received)
         finally:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+        return None
+
+    def _stop(self, state: _State, signum: int | None) -> str:
+        _save_step(self.run_, state)
+        name = signal_name(signum) if signum is not None else "a stop signal on another process"
+        _say(self.run_.runtime, f"Stopped by {name} after step {state.step} of {self.cfg.train.steps}. "
+                                f"Checkpoint: {state.checkpoint}. Run the same command again to resume.")
+        return name
+
+    def _guarded_step(self, state: _State, stream: Iterator) -> float:
+        position = state.position()
+        try:
+            return self.step(state, stream)
+        except torch.OutOfMemoryError as error:
+            self._out_of_memory(state, position, error)
+            raise AssertionError("unreachable") from error
+
+    def _out_of_memory(self, state: _State, position: tuple[int, int, int], error: Exception) -> None:
+        """Free the step, save the state before it (if the optimizer had not started), explain."""
+        run = self.run_
+        run.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+        state.rewind(position)
+        saved = "nothing saved: the optimizer step was under way, so the weights may be half updated"
+        if not self.in_optimizer_step and state.step > 0 and run.runtime.is_main:
+            _save_step(run, state)
+            saved = f"checkpoint of step {state.step}: {state.checkpoint}"
+        lines = [f"Out of memory at step {state.step + 1} on {run.device} ({str(error).splitlines()[0]})",
+                 memory_line("out_of_memory", state.step + 1, run.device), saved]
+        if self.table is not None:
+            lines.append(format_table(self.table))
+        lines.append("To fit, try (most memory saved first):")
+        lines += [f"  - {tip}" for tip in out_of_memory_advice(self.cfg)]
+        raise TrainingOutOfMemory("\n".join(lines)) from error
 
     def _report(self, stage: str, step: int) -> None:
-        if self.log_every and step % self.log_every == 0:
-            tqdm.write(memory_line(stage, step, self.device))
+        if self.log_every and step % self.log_every == 0 and self.run_.runtime.is_main:
+            tqdm.write(memory_line(stage, step, self.run_.device))
+
+    def _micro_batches(self, state: _State, stream: Iterator) -> list[tuple[int, list[Item]]]:
+        """This process's ``(global index, batch)`` pairs of the next step; advances the position."""
+        runtime, count = self.run_.runtime, self.cfg.train.gradient_accumulation * self.run_.runtime.world_size
+        drawn = []
+        for _ in range(count):
+            epoch, index, batch = next(stream)
+            drawn.append((state.micro_batches, batch))
+            state.epoch, state.batch_index, state.micro_batches = epoch, index + 1, state.micro_batches + 1
+        return drawn[runtime.rank::runtime.world_size]
+
+    def _loss(self, index: int, batch: list[Item], model: nn.Module | None) -> torch.Tensor:
+        run = self.run_
+        return flow_matching_loss(run.transformer, self.caches.latents(batch), self.caches.text_embeddings(batch),
+                                  self.cfg, _noise_generator(self.seed, index), run.device, model)
 
     def step(self, state: _State, stream: Iterator) -> float:
-        number, accumulation = state.step + 1, self.cfg.train.gradient_accumulation
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(accumulation):
-            epoch, index, batch = next(stream)
-            state.epoch, state.batch_index = epoch, index + 1
-            if micro == 0:
+        """Forward and backward over this step's micro-batches, then the optimizer (or a skip)."""
+        run, number, accumulation = self.run_, state.step + 1, self.cfg.train.gradient_accumulation
+        self.in_optimizer_step = False
+        run.optimizer.zero_grad(set_to_none=True)
+        micro = self._micro_batches(state, stream)
+        losses = []
+        for j, (index, batch) in enumerate(micro):
+            if j == 0:
                 self._report("before_forward", number)
-            loss = flow_matching_loss(self.transformer, self.caches.latents(batch),
-                                      self.caches.text_embeddings(batch), self.cfg, self.generator, self.device)
-            if micro == accumulation - 1:
-                self._report("after_forward", number)
-            (loss / accumulation).backward()
-            total += loss.item() / accumulation
+            with run.runtime.no_sync(run.model, skip=j < accumulation - 1):
+                loss = self._loss(index, batch, run.model)
+                if j == accumulation - 1:
+                    self._report("after_forward", number)
+                (loss / accumulation).backward()
+            losses.append(loss.detach())
         self._report("after_backward", number)
-        self._optimizer_step()
+        loss_value = run.runtime.mean(float(torch.stack(losses).mean()))
+        self._apply_or_skip(state, number, loss_value, losses, micro)
         self._report("after_optimizer_step", number)
-        if number == 1 or self.table.optimizer_state is None:
-            self.table.optimizer_state = optimizer_state_bytes(self.optimizer)
+        if self.table is not None and self.table.optimizer_state is None and run.guard.in_a_row == 0:
+            self.table.optimizer_state = optimizer_state_bytes(run.optimizer)
             tqdm.write(format_table(self.table))
-        return total
+        return loss_value
 
-    def _optimizer_step(self) -> None:
+    def _apply_or_skip(self, state: _State, number: int, loss: float, losses: list[torch.Tensor],
+                       micro: list[tuple[int, list[Item]]]) -> None:
+        run = self.run_
+        norm = gradient_norm(self.params)  # gradients are already averaged over processes
+        if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(norm)):
+            self._skip(state, number, loss, losses, micro)
+            return
         # Adafactor scales its own updates; ai-toolkit does not clip it either.
         if self.cfg.train.max_grad_norm > 0 and self.cfg.train.optimizer != "adafactor":
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update()
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.train.max_grad_norm, norm)
+        self.in_optimizer_step = True
+        run.optimizer.step()
+        self.in_optimizer_step = False
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update()
+        run.guard.record_ok()
+
+    def _skip(self, state: _State, number: int, loss: float, losses: list[torch.Tensor],
+              micro: list[tuple[int, list[Item]]]) -> None:
+        """Drop this step's update, say where the non-finite value came from; stop if it keeps happening."""
+        run = self.run_
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()  # the schedule follows the step count, taken or skipped
+        bad = next((k for k, value in enumerate(losses) if not torch.isfinite(value)), None)
+        if bad is not None:
+            index, batch = micro[bad]
+            layer = first_nonfinite_output(run.transformer, lambda: self._loss(index, batch, None))
+            where = f"non-finite loss ({float(losses[bad])}); first non-finite output: {layer or 'none on replay'}"
+            files = ", ".join(str(item.path) for item in batch)
+        else:
+            names = nonfinite_gradients((n, p) for n, p in run.transformer.named_parameters() if p.requires_grad)
+            where = f"non-finite gradient in {', '.join(names) or 'another process'} (loss {loss:.4g})"
+            files = ", ".join(str(item.path) for _, batch in micro for item in batch)
+        message = f"step {number}: {where}; images: {files}"
+        stop = run.guard.record_skip(message)
+        logger.warning("%s -- optimizer step skipped (%d in a row, %d in all)", message, run.guard.in_a_row,
+                       run.guard.total)
+        if run.runtime.is_main:
+            tqdm.write(f"⚠️  {message} -- optimizer step skipped ({run.guard.in_a_row} in a row)")
+        if stop:
+            state.step += 1  # the skipped step is counted, so a resume starts after these batches
+            _save_step(run, state)
+            raise NonFiniteError(
+                f"{run.guard.in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps: {self.cfg.train.max_nonfinite_steps}); the run has diverged.\n"
+                + "\n".join(f"  {event}" for event in run.guard.events)
+                + f"\nCheckpoint (weights from before these steps): {state.checkpoint}\n"
+                "Try a lower train.lr, train.max_grad_norm: 1.0, train.dtype: bf16 instead of fp16, or "
+                "coat.enabled: false to compare; check the images listed above")
 
     def _log(self, state: _State, loss: float, seconds: float, bar) -> None:
-        lr = self.scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_it=f"{seconds:.2f}")
+        lr = self.run_.scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_it=f"{seconds:.2f}",
+                        img_s=f"{self.samples_per_step / seconds:.1f}")
         bar.update(1)
         if self.writer is not None:
             self.writer.add_scalar("loss", loss, state.step)
             self.writer.add_scalar("lr", lr, state.step)
             self.writer.add_scalar("seconds_per_step", seconds, state.step)
+            self.writer.add_scalar("images_per_second", self.samples_per_step / seconds, state.step)
 
-    def _periodic(self, state: _State, paths: RunPaths, sampler: Sampler | None) -> None:
+    def _periodic(self, state: _State, sampler: Sampler | None) -> None:
         cfg = self.cfg
         if state.step >= cfg.train.steps:
             return  # the final save and sample happen after the loop
-        if state.step % cfg.save.save_every == 0:
-            _save_step(cfg, paths, self.transformer, self.optimizer, self.scheduler, self.ema, self.generator, state)
-        if sampler is not None and state.step % cfg.sample.sample_every == 0:
-            state.samples += _sample(sampler, self.ema, state.step)
+        save, sample = state.step % cfg.save.save_every == 0, state.step % cfg.sample.sample_every == 0
+        if save:
+            _save_step(self.run_, state)
+        if sample and sampler is not None:
+            state.samples += _sample(sampler, self.run_.ema, state.step)
+        if save or sample:
+            self.run_.runtime.barrier()  # the others wait while the main process writes
 
 
 def _tensorboard(cfg: TrainJobConfig):
@@ -533,45 +733,54 @@ def _tensorboard(cfg: TrainJobConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Saving and sampling.
+# Saving and sampling (main process only).
+
+
+def _ema_weights(ema: LoRAEMA | None) -> contextlib.AbstractContextManager:
+    """The EMA weights swapped in for saving and sampling (as ai-toolkit does), if there is an EMA."""
+    return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
 
 def _sample(sampler: Sampler, ema: LoRAEMA | None, step: int) -> list[Path]:
-    if ema is None:
-        return sampler.sample(step)
-    with ema.swapped_in():
+    with _ema_weights(ema):
         return sampler.sample(step)
 
 
-def _write_lora(cfg: TrainJobConfig, path: Path, transformer: nn.Module, ema: LoRAEMA | None, state: _State) -> Path:
-    dtype = getattr(torch, cfg.save.dtype)
-    if ema is None:
-        tensors = lora_state_dict(transformer, dtype)
-    else:
-        with ema.swapped_in():  # the saved LoRA is the EMA, as in ai-toolkit
-            tensors = lora_state_dict(transformer, dtype)
+def _metadata(cfg: TrainJobConfig, state: _State) -> dict[str, str]:
     trigger = cfg.trigger_word or next((d.trigger_word for d in cfg.datasets if d.trigger_word), None)
-    meta = lora_metadata(state.step, state.epoch, trigger, cfg.name, cfg.meta)
-    return save_lora(path, tensors, meta, overwrite=True)
+    return lora_metadata(state.step, state.epoch, trigger, cfg.name, cfg.meta)
 
 
-def _checkpoint_state(transformer, optimizer, scheduler, ema, generator, state: _State) -> dict[str, Any]:
-    return {"version": CHECKPOINT_VERSION, "step": state.step, "epoch": state.epoch,
-            "batch_index": state.batch_index, "seed": state.seed,
-            "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-            "ema": None if ema is None else ema.state_dict(), "rng": capture_rng(generator),
-            "lora": lora_state_dict(transformer, raw=True)}
+def _checkpoint_state(run: _Run, state: _State) -> dict[str, Any]:
+    return {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint(run.cfg), "step": state.step,
+            "epoch": state.epoch, "batch_index": state.batch_index, "micro_batches": state.micro_batches,
+            "seed": state.seed, "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.scheduler.state_dict(),
+            "ema": None if run.ema is None else run.ema.state_dict(), "rng": capture_rng(),
+            "nonfinite": run.guard.state_dict(), "weights": run.network.raw_state()}
 
 
-def _save_step(cfg, paths: RunPaths, transformer, optimizer, scheduler, ema, generator, state: _State) -> None:
-    _write_lora(cfg, paths.step_lora(state.step), transformer, ema, state)
-    save_checkpoint(paths, _checkpoint_state(transformer, optimizer, scheduler, ema, generator, state))
-    prune_step_loras(paths, cfg.save.max_step_saves_to_keep)
+def _save_checkpoint(run: _Run, state: _State) -> None:
+    state.checkpoint = save_checkpoint(run.paths, _checkpoint_state(run, state), run.cfg.save.max_checkpoints_to_keep)
 
 
-def _save_final(cfg, paths: RunPaths, transformer, optimizer, scheduler, ema, generator, state: _State) -> Path:
-    final = _write_lora(cfg, paths.final_lora, transformer, ema, state)
-    # Kept so that raising train.steps later continues this run instead of starting over.
-    save_checkpoint(paths, _checkpoint_state(transformer, optimizer, scheduler, ema, generator, state))
+def _save_step(run: _Run, state: _State) -> None:
+    """The step's weight file, then its checkpoint (so a checkpoint always has its file beside it)."""
+    if not run.runtime.is_main:
+        return
+    with _ema_weights(run.ema):
+        run.network.save_step(run.paths.step_lora(state.step), getattr(torch, run.cfg.save.dtype),
+                              _metadata(run.cfg, state))
+    _save_checkpoint(run, state)
+    prune_step_loras(run.paths, run.cfg.save.max_step_saves_to_keep)
+
+
+def _save_final(run: _Run, state: _State) -> Path:
+    """The final weights; the checkpoint is kept so raising train.steps later continues the run."""
+    final = run.paths.final_transformer if run.cfg.network.type == "full" else run.paths.final_lora
+    if run.runtime.is_main:
+        with _ema_weights(run.ema):
+            final = run.network.save_final(run.paths.output_dir, run.cfg.name, getattr(torch, run.cfg.save.dtype),
+                                           _metadata(run.cfg, state))
+        _save_checkpoint(run, state)
+    run.runtime.barrier()
     return final
-

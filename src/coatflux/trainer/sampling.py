@@ -89,7 +89,7 @@ class Sampler:
         return written
 
     def _one(self, pipe, step: int, index: int, item: SampleItem) -> Path:
-        from coatflux.trainer.checkpoint import atomic_write
+        from coatflux.atomic import atomic_write
 
         set_lora_multiplier(pipe.transformer, item.network_multiplier)
         dtype = next(p.dtype for p in self.components.vae.parameters())
