@@ -21,6 +21,18 @@ Choices:
   every state tensor's saved dtype, where ``torch.optim.Optimizer`` would cast floating-point
   state to the parameter's dtype and decode FP8 codes as if they were numbers.
 
+* Sharded parameters (FSDP2's ``DTensor``): the update runs on the rank's local shard
+  (``p.to_local()``, ``p.grad.to_local()``) and the state holds plain tensors of the shard's
+  shape, never ``DTensor`` objects -- the moments' block metadata of a shard is not a slice of a global
+  tensor, so there is nothing meaningful to wrap. Whether a tensor gets FP8 moments is decided
+  by its *global* size, so every rank (and an unsharded run) makes the same choice. Blocks are
+  formed on the flattened local shard; when every shard starts at a multiple of ``block_size``
+  in the flattened global tensor (true for FSDP2's dim-0 sharding whenever ``rows_per_shard *
+  row_numel`` is a multiple of ``block_size``: any 2-D weight whose last dim is a multiple of 128,
+  and every FP8-stored tensor of FLUX.1-dev at 2, 4 or 8 ranks), the blocks are the unsharded run's blocks and the sharded step is
+  bit-identical to it (given the same gradients). :func:`coatflux.core.distributed.blocks_align_with_shards` checks this;
+  :mod:`coatflux.core.distributed` also saves and loads the sharded state.
+
 This is the reference implementation (one tensor at a time, plain PyTorch); fused kernels are
 tested against it.
 """
@@ -39,6 +51,40 @@ from coatflux.core.formats import quantize
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _DRE_FIELDS = ("k_code", "center_exp", "scale_exp")
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank's local shard of a ``DTensor`` (a view sharing its storage); any other tensor as is.
+
+    Why not operate on the ``DTensor`` itself: the update mixes parameters with plain state
+    tensors, reinterprets bits (``view(torch.int32)``) and draws random numbers, none of which
+    ``DTensor`` dispatch supports; and every operation of the update is element-wise or per block
+    of the shard, so no communication is needed.
+    """
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def shard_offset(t: torch.Tensor) -> int:
+    """Offset of the local shard's first element in the flattened global tensor (0 if unsharded).
+
+    Exact for ``Shard(0)`` placements on one mesh dimension, FSDP2's layout; other placements
+    (replicated, or sharded along other dims, whose local shard is not a contiguous range of the
+    flattened tensor) return 0, which only affects the stochastic-rounding seed.
+    """
+    placements = getattr(t, "placements", None)
+    if placements is None or len(placements) != 1 or not t.dim():
+        return 0
+    placement = placements[0]
+    if not (placement.is_shard() and placement.dim == 0):
+        return 0
+    mesh = t.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # this rank is not in the mesh
+        return 0
+    rows_per_shard = -(-t.shape[0] // mesh.size())  # torch.chunk's split, as FSDP2 uses
+    row_numel = t.numel() // t.shape[0] if t.shape[0] else 0
+    return min(coordinate[0] * rows_per_shard, t.shape[0]) * row_numel
 
 
 def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -87,6 +133,7 @@ class FP8AdamW(Optimizer):
     # -- state encoding -------------------------------------------------------------------------
 
     def _quantized(self, p: torch.Tensor, moment: str) -> bool:
+        # p.numel() is the global size for a DTensor: every rank decides as an unsharded run would.
         cfg = self.fp8_config
         use = cfg.use_fp8_m1 if moment == "exp_avg" else cfg.use_fp8_m2
         return use and p.numel() >= cfg.min_quantized_numel
@@ -123,7 +170,7 @@ class FP8AdamW(Optimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32)
-        zeros = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        zeros = torch.zeros_like(local_tensor(p), dtype=torch.float32, memory_format=torch.preserve_format)
         for moment in _MOMENTS:
             if self._quantized(p, moment):
                 self._encode(state, moment, zeros)
@@ -163,14 +210,16 @@ class FP8AdamW(Optimizer):
     def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], index: int) -> None:
         state["step"] += 1
         step = int(state["step"].item())
-        grad = p.grad.float()
+        param = local_tensor(p)  # a view: updating it in place updates the (sharded) parameter
+        grad = local_tensor(p.grad).float()
         exp_avg = self._decode(state, "exp_avg").float()
         exp_avg_sq = self._decode(state, "exp_avg_sq").float()
 
-        master = p.float() if p.dtype != torch.float32 else p
+        master = param.float() if param.dtype != torch.float32 else param
         adamw_update_(master, grad, exp_avg, exp_avg_sq, step, group)
-        if master is not p:
-            p.copy_(_stochastic_round(master, p.dtype, _rounding_seed(group["seed"], index, step)))
+        if master is not param:
+            seed = _rounding_seed(group["seed"], index, step, shard_offset(p))
+            param.copy_(_stochastic_round(master, param.dtype, seed))
 
         for moment, value in zip(_MOMENTS, (exp_avg, exp_avg_sq), strict=True):
             if self._quantized(p, moment):
@@ -180,8 +229,38 @@ class FP8AdamW(Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``, stamped with ``rank``/``world_size`` when sharded.
+
+        The state of a sharded (``DTensor``) parameter is this rank's shard only, held in plain
+        tensors. The stamp lets :meth:`load_state_dict` refuse a shard of another rank or another
+        world size instead of loading it silently.
+        """
+        state_dict = super().state_dict()
+        stamp = _shard_stamp(self)
+        if stamp is not None:
+            state_dict[SHARD_STAMP] = stamp
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as ``torch.optim.Optimizer`` does, but keep each state tensor's saved dtype."""
+        """Load as ``torch.optim.Optimizer`` does, but keep each state tensor's saved dtype.
+
+        With sharded parameters, the state dict must carry the stamp of :meth:`state_dict` for
+        this same rank and world size. This is what makes ``torch.distributed.checkpoint``
+        (``set_optimizer_state_dict``, and so accelerate's ``load_state`` under FSDP2) fail loudly:
+        DCP treats plain tensors as replicated, saves rank 0's copy only and would hand rank 0's
+        FP8 codes to every rank. Use :mod:`coatflux.core.distributed` instead.
+        """
+        stamp = _shard_stamp(self)
+        if stamp is not None and state_dict.get(SHARD_STAMP) != stamp:
+            raise ValueError(
+                f"FP8AdamW.load_state_dict: this optimizer holds sharded (DTensor) parameters as rank "
+                f"{stamp['rank']} of {stamp['world_size']}, but the state dict is stamped "
+                f"{state_dict.get(SHARD_STAMP)!r}. Its FP8 state is per-shard and cannot be loaded from "
+                "another rank, another world size or torch.distributed.checkpoint (which keeps only "
+                "rank 0's copy of plain tensors); save and load it with "
+                "coatflux.core.distributed.save_sharded_optimizer / load_sharded_optimizer."
+            )
         saved_states = state_dict["state"]
         saved_groups = state_dict["param_groups"]
         super().load_state_dict(state_dict)
@@ -203,6 +282,21 @@ class FP8AdamW(Optimizer):
         return total
 
 
+SHARD_STAMP = "coatflux_shard"
+
+
+def _shard_stamp(optimizer: Optimizer) -> dict[str, int] | None:
+    """``{"rank", "world_size"}`` of the default process group if any parameter is a DTensor."""
+    sharded = any(hasattr(p, "to_local") for g in optimizer.param_groups for p in g["params"])
+    if not sharded:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return {"rank": 0, "world_size": 1}
+    return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+
+
 def adamw_update_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   step: int, group: dict[str, Any]) -> None:
     """The AdamW update in fp32, in place on ``master`` and both moments (torch.optim.AdamW's math)."""
@@ -217,9 +311,12 @@ def adamw_update_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
     master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
-def _rounding_seed(seed: int, index: int, step: int) -> int:
-    # A fixed odd-multiplier mix keeps seeds distinct across parameters and steps.
-    return (seed * 1_000_003 + index * 7_919 + step * 104_729) % (2**63 - 1)
+def _rounding_seed(seed: int, index: int, step: int, offset: int = 0) -> int:
+    # A fixed odd-multiplier mix keeps seeds distinct across parameters, steps and shards (offset
+    # is the shard's first element in the flattened tensor, 0 when unsharded: unchanged seeds).
+    # A shard's random bits therefore differ from the unsharded run's bits for the same elements,
+    # so sharded bf16 parameters match an unsharded run in distribution, not bit for bit.
+    return (seed * 1_000_003 + index * 7_919 + step * 104_729 + offset * 15_485_863) % (2**63 - 1)
 
 
 def _stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:

@@ -23,6 +23,11 @@ the per-tensor update (recompiles per distinct shape and still launches per tens
 Scope: fp32 parameters whose two moments are both FP8 with DRE (every LoRA matrix with the
 default config). Anything else -- bf16 master weights with stochastic rounding, tensors below the
 quantization threshold, the non-DRE block format -- goes through the reference update, unchanged.
+
+Sharded parameters (FSDP2 ``DTensor``): the buffer is built from each rank's local shards
+(``to_local()``), so a rank's step touches only its shard and the state is the reference's state
+of that shard, byte for byte (see :mod:`coatflux.core.optim` for when it also equals the
+unsharded run's state).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from coatflux.core.dre import DREBlocks, dre_dequantize, dre_quantize
-from coatflux.core.optim import _DRE_FIELDS, _MOMENTS, FP8AdamW, adamw_update_
+from coatflux.core.optim import _DRE_FIELDS, _MOMENTS, FP8AdamW, adamw_update_, local_tensor
 
 
 def _flat(tensors: list[torch.Tensor], block: int) -> torch.Tensor:
@@ -84,7 +89,8 @@ class FusedFP8AdamW(FP8AdamW):
     def _decode_flat(self, params: list[torch.Tensor], moment: str, step: int) -> torch.Tensor:
         block = self.fp8_config.block_size
         if step == 1:  # fresh state: the reference encodes zeros, which decode to exact zeros
-            return torch.zeros(sum(_padded_sizes(params, block)), device=params[0].device)
+            locals_ = [local_tensor(p) for p in params]
+            return torch.zeros(sum(_padded_sizes(locals_, block)), device=locals_[0].device)
         states = [self.state[p] for p in params]
         enc = DREBlocks(_flat_codes([s[moment] for s in states], block),
                         *(torch.cat([s[f"{moment}_{f}"] for s in states]) for f in _DRE_FIELDS))
@@ -93,24 +99,26 @@ class FusedFP8AdamW(FP8AdamW):
     def _encode_flat(self, params: list[torch.Tensor], moment: str, value: torch.Tensor) -> None:
         block = self.fp8_config.block_size
         enc = dre_quantize(value, self._format(moment), block)
-        sizes = _padded_sizes(params, block)
+        locals_ = [local_tensor(p) for p in params]
+        sizes = _padded_sizes(locals_, block)
         codes = enc.codes.split(sizes)
         metadata = {f: getattr(enc, f).split([n // block for n in sizes]) for f in _DRE_FIELDS}
-        for i, p in enumerate(params):
+        for i, (p, local) in enumerate(zip(params, locals_, strict=True)):
             state = self.state[p]
-            state[moment] = codes[i][: p.numel()].view(p.shape)
+            state[moment] = codes[i][: local.numel()].view(local.shape)
             for f in _DRE_FIELDS:
                 state[f"{moment}_{f}"] = metadata[f][i]
 
     def _fused_update(self, params: list[torch.Tensor], group: dict[str, Any], step: int) -> None:
         block = self.fp8_config.block_size
-        grad = _flat([p.grad.float() for p in params], block)
+        locals_ = [local_tensor(p) for p in params]  # views: writing them writes the parameters
+        grad = _flat([local_tensor(p.grad).float() for p in params], block)
         exp_avg = self._decode_flat(params, "exp_avg", step)
         exp_avg_sq = self._decode_flat(params, "exp_avg_sq", step)
-        master = _flat(list(params), block)
+        master = _flat(locals_, block)
         adamw_update_(master, grad, exp_avg, exp_avg_sq, step, group)
-        chunks = master.split(_padded_sizes(params, block))
-        torch._foreach_copy_(list(params), [c[: p.numel()].view(p.shape) for c, p in zip(chunks, params, strict=True)])
+        chunks = master.split(_padded_sizes(locals_, block))
+        torch._foreach_copy_(locals_, [c[: t.numel()].view(t.shape) for c, t in zip(chunks, locals_, strict=True)])
 
         self._encode_flat(params, "exp_avg", exp_avg)
         self._encode_flat(params, "exp_avg_sq", exp_avg_sq)
