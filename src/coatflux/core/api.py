@@ -91,6 +91,8 @@ def _convert_linears(model: nn.Module, config: COATConfig, cache: InputCache) ->
 def _fuse_nonlinear(model: nn.Module, config: COATConfig, compressor: ActivationCompressor) -> list[str]:
     fused = []
     for name, module in list(model.named_modules()):
+        if any(name == done or name.startswith(f"{done}.") for done in fused):
+            continue  # inside a replaced module (an AdaLN replacement took over its children)
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if not _matches(full, config.include, config.exclude):

@@ -7,4 +7,9 @@
   byte-identical to :func:`coatflux.core.formats.quantize_reference`.
   :func:`coatflux.core.formats.quantize` dispatches to it for CUDA tensors (set
   ``COATFLUX_REFERENCE_KERNELS=1`` to force the reference).
+* :mod:`.nonlinear`: ``torch.compile``-fused LayerNorm / RMSNorm / AdaLN modulation / GELU, each
+  forward (with the FP8 group quantization of the saved input, byte-identical to the reference)
+  and backward in one pass. The core modules of :mod:`coatflux.core.nonlinear` dispatch to it by
+  the same rule (:func:`coatflux.core.nonlinear.uses_fused_kernels`: CUDA, per-group saving, no
+  ``COATFLUX_REFERENCE_KERNELS=1``).
 """
