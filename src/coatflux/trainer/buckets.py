@@ -6,7 +6,9 @@ aspect ratio is kept, and both sides are floored to multiples of 32 (FLUX: the V
 and the transformer packs 2 x 2 latents; ai-toolkit adds one more factor 2, kept for
 compatibility). :func:`plan_crop` scales the image to *cover* that bucket and crops the
 overflow, centred unless ``random_crop``; :func:`load_image` applies that plan and returns a CHW
-float tensor in [-1, 1], the VAE's input range.
+float tensor in [-1, 1], the VAE's input range. Any PIL mode becomes RGB as ai-toolkit does
+(alpha is dropped, palettes and CMYK are converted), except 16-bit grayscale, which is scaled to 8
+bits rather than clipped (:func:`to_rgb`).
 
 Why cover-and-crop rather than pad or stretch: padding teaches the model borders and stretching
 distorts garments; flooring to 32 loses at most 31 px per side, which a centred crop spreads
@@ -75,6 +77,22 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+# Integer modes of 16-bit grayscale files (PNG's "I;16"; some decoders give "I" with the same range).
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB.
+
+    PIL's ``convert("RGB")`` clips 16-bit grayscale values at 255 instead of scaling them, which
+    turns all but the darkest 0.4 % of such an image white; those modes are scaled by 255/65535.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))  # mode L
+    return image.convert("RGB")
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 CHW tensor in [-1, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -84,7 +102,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def load_image(path: Path, crop: Crop, flip_x: bool = False, flip_y: bool = False) -> torch.Tensor:
     """Decode ``path``, apply EXIF orientation, ``crop`` and flips; return CHW in [-1, 1]."""
     with Image.open(path) as raw:
-        image = ImageOps.exif_transpose(raw).convert("RGB")
+        image = to_rgb(ImageOps.exif_transpose(raw))
     image = image.resize(crop.scaled, Image.Resampling.LANCZOS)
     width, height = crop.bucket
     image = image.crop((crop.left, crop.top, crop.left + width, crop.top + height))

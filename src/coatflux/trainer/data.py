@@ -18,8 +18,11 @@ mid-epoch without replaying it.
 Batches group items of equal bucket size across datasets (the tensor shape is all that must
 match); a bucket's short last batch is filled by repeating its first items, as ai-toolkit does, so
 every batch has ``batch_size`` items. Bad input never stops a run silently nor crashes it late:
-unreadable images and non-UTF-8 captions are skipped with a warning naming the file and counted
-in a :class:`DatasetReport` (or raise with ``strict=True``); the dataset folder is only read.
+unreadable, animated or too small images, broken links and non-UTF-8 captions are skipped with a
+warning naming the file and counted in a :class:`DatasetReport` (or raise with ``strict=True``);
+captions longer than the text encoders can read are cut (with a warning); the dataset folder
+is only read. Symbolic links to folders are not followed (a link to a parent would loop
+forever); links to files are read.
 """
 
 from __future__ import annotations
@@ -39,10 +42,15 @@ import torch
 from PIL import Image
 
 from coatflux.trainer.buckets import MIN_BUCKET_SIDE, Crop, bucket_size, load_image, oriented_size, plan_crop
-from coatflux.trainer.captions import process_caption
+from coatflux.trainer.captions import TRIGGER_PLACEHOLDER, process_caption
 from coatflux.trainer.config import DatasetConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# FLUX reads at most 512 T5 tokens (CLIP: 77), and a SentencePiece token is rarely over 16
+# characters, so text past 32 x 512 characters never reaches a model. The fast tokenizers still
+# tokenize all of it before truncating: a 1 MB caption cost seconds per encode. Longer captions
+# are cut here, with a warning.
+MAX_CAPTION_CHARS = 32 * 512
 
 
 class DatasetError(ValueError):
@@ -83,9 +91,13 @@ class DatasetReport:
                 f"{self.missing_caption} without caption)")
 
 
+class _Unusable(ValueError):
+    """The file decodes but cannot be trained on as it is (its message says why)."""
+
+
 def _walk_images(folder: Path) -> list[Path]:
     found = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, followlinks=False):  # explicit: links to folders may loop
         dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]  # pruning here stops the descent
         found += [Path(root) / f for f in files
                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
@@ -99,9 +111,19 @@ def _read_caption(image: Path, caption_ext: str) -> str | None:
 
 
 def _inspect(path: Path) -> tuple[str, int, int]:
-    """sha256 of the bytes and oriented size; fully decodes, so a truncated file fails here."""
+    """sha256 of the bytes and oriented size; fully decodes, so a truncated file fails here.
+
+    PIL refuses an image over twice ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb) in
+    ``open``, from the header alone, before it allocates pixels.
+    """
+    if path.is_symlink() and not path.exists():
+        raise _Unusable(f"broken symbolic link to '{os.readlink(path)}'")
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as image:
+        # Which frame of an animation is the training image is a guess; let the user pick one.
+        if getattr(image, "n_frames", 1) > 1:
+            raise _Unusable(f"animated {image.format} with {image.n_frames} frames; save the frame to train "
+                            "on as a still image")
         image.load()
         width, height = oriented_size(image)
     return hashlib.sha256(data).hexdigest(), width, height
@@ -114,6 +136,7 @@ class _Scan:
         self.config, self.strict = config, strict
         self.report = DatasetReport(Path(config.folder_path))
         self.records: list[ImageRecord] = []
+        self.placeholder_without_trigger = 0
 
     def problem(self, counter: str | None, message: str) -> None:
         if self.strict:
@@ -132,12 +155,21 @@ class _Scan:
                                 "text; image skipped")
         try:
             digest, width, height = _inspect(path)
+        except _Unusable as error:
+            return self.problem("undecodable", f"{path}: {error}; skipped")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             return self.problem("undecodable", f"{path}: cannot decode image ({error}); skipped")
         smallest = bucket_size(width, height, min(config.resolution), buckets=config.buckets)
         if min(smallest) < MIN_BUCKET_SIDE:
             return self.problem("too_small", f"{path}: {width}x{height} gives a {smallest[0]}x{smallest[1]} "
                                 f"bucket, below {MIN_BUCKET_SIDE} px; skipped")
+        if caption and len(caption) > MAX_CAPTION_CHARS:
+            warnings.warn(f"{path.with_suffix(config.caption_ext)}: caption of {len(caption)} characters cut to "
+                          f"{MAX_CAPTION_CHARS} (the text encoders read at most 512 tokens)", DataWarning,
+                          stacklevel=3)
+            caption = caption[:MAX_CAPTION_CHARS]
+        if caption and TRIGGER_PLACEHOLDER in caption and not (config.trigger_word or "").strip():
+            self.placeholder_without_trigger += 1
         if not caption:
             caption = config.default_caption or ""
             if not config.default_caption:
@@ -151,6 +183,8 @@ class _Scan:
 def scan_folder(config: DatasetConfig, *, strict: bool = False) -> tuple[list[ImageRecord], DatasetReport]:
     """Find the usable images of one dataset, sorted by path; never writes into the folder."""
     folder = Path(config.folder_path)
+    if folder.exists() and not folder.is_dir():
+        raise DatasetError(f"{folder}: dataset folder is a file, not a folder")
     if not folder.is_dir():
         raise DatasetError(f"{folder}: dataset folder does not exist")
     scan = _Scan(config, strict)
@@ -159,6 +193,11 @@ def scan_folder(config: DatasetConfig, *, strict: bool = False) -> tuple[list[Im
     for path in paths:
         scan.add(path)
     scan.report.images_used = len(scan.records)
+    if scan.placeholder_without_trigger:
+        # Once per folder, not per file: it is one setting that is missing, not many bad files.
+        warnings.warn(f"{folder}: {scan.placeholder_without_trigger} caption(s) use {TRIGGER_PLACEHOLDER} but no "
+                      "trigger_word is set, so the placeholder is removed (a caption of only the "
+                      "placeholder trains as an empty caption)", DataWarning, stacklevel=2)
     if not scan.records:
         raise DatasetError(f"{folder}: no usable image ({scan.report.summary()}); "
                            f"expected {'/'.join(IMAGE_EXTENSIONS)} files with {config.caption_ext} captions")
