@@ -17,8 +17,7 @@ Case families (count them without running anything:
    list at the top level, non-UTF-8, BOM, a folder given as the config;
 5. end to end on the tiny FLUX model (three short runs): a dataset mixing every usable oddity with
    bad files trains (a 1 MB caption included); a run on a dataset of only bad images stops before touching an earlier run's
-   outputs; an absurd learning rate must stop with a diagnosis (xfail: loop.py's non-finite guard
-   crashes on ``item.path``, see the marker).
+   outputs; an absurd learning rate must stop with a diagnosis.
 
 Every case ends in a clear error naming the file or the key's dotted path, or in a skip that is
 warned (naming the file) and counted in the :class:`DatasetReport`; every dataset case also checks
@@ -696,10 +695,6 @@ def test_end_to_end_bad_dataset_stops_before_touching_an_earlier_run(tmp_path: P
             _train(tmp_path, job)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "trainer/loop.py _Loop._skip builds its diagnosis from `item.path`, but Item keeps the file in "
-    "`item.record.path`: the first non-finite step (step 2 at lr 1e9) crashes with AttributeError: 'Item' "
-    "object has no attribute 'path' instead of skipping the step and stopping with NonFiniteError"))
 def test_end_to_end_absurd_lr_stops_with_a_diagnosis(tmp_path: Path, tiny_flux_dir: Path) -> None:
     """lr 1e9 makes the loss NaN from step 2 on; the run must stop naming the cause, never write NaNs.
 

@@ -199,6 +199,17 @@ def newest_checkpoint(paths: RunPaths, fingerprint: dict[str, Any]) -> dict[str,
     return None
 
 
+def _remove_stale_temporaries(paths: RunPaths) -> None:
+    """Delete what a killed run left half-written (``.<name>.*.tmp``; see :mod:`coatflux.atomic`).
+
+    A ``.<name>.old-*`` folder is kept: it holds the previous final folder if a kill landed between
+    the two renames of :func:`~coatflux.atomic.atomic_write_dir`.
+    """
+    for folder in (paths.output_dir, paths.checkpoints, paths.samples):
+        for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def prepare_output_dir(paths: RunPaths, total_steps: int, overwrite: bool,
                        fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     """Decide between a fresh start and a resume; returns the checkpoint to resume from, if any.
@@ -207,6 +218,7 @@ def prepare_output_dir(paths: RunPaths, total_steps: int, overwrite: bool,
     earlier run are present, we stop (``FileExistsError``) unless ``overwrite``, which deletes that
     run's weight files, checkpoints and samples first -- never silently.
     """
+    _remove_stale_temporaries(paths)
     checkpoint = None if overwrite else newest_checkpoint(paths, fingerprint)
     if checkpoint is not None and int(checkpoint["step"]) < total_steps:
         return checkpoint

@@ -9,6 +9,7 @@ Heavy imports (torch, diffusers) happen inside :func:`run`, so ``coatflux --help
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ def parse_overrides(items: list[str], steps: int | None = None) -> dict[str, Any
 
 
 def run(args: argparse.Namespace) -> int:
+    from coatflux.trainer.checkpoint import CheckpointError
     from coatflux.trainer.config import load_config
     from coatflux.trainer.faults import NonFiniteError, TrainingOutOfMemory
     from coatflux.trainer.loop import train
@@ -50,9 +52,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, parse_overrides(args.overrides, args.steps))
     try:
         result = train(cfg, overwrite=args.overwrite, device=args.device)
-    except (NonFiniteError, TrainingOutOfMemory) as error:
-        print(f"error: {error}")
+    except (NonFiniteError, TrainingOutOfMemory, CheckpointError) as error:
+        print(f"coatflux train: error: {error}", file=sys.stderr)
         return 1
+    if result.rank != 0:
+        return 0  # the main process reports for the run
     if result.stopped_by is not None:
         print(f"Stopped by {result.stopped_by} at step {result.steps}; checkpoint {result.checkpoint}. "
               f"Resume with the same command: coatflux train {args.config}")

@@ -105,6 +105,7 @@ class TrainResult:
     stopped_by: str | None = None
     skipped_steps: int = 0
     checkpoint: Path | None = None
+    rank: int = 0
 
 
 @dataclass
@@ -191,12 +192,12 @@ def train(cfg: TrainJobConfig, *, overwrite: bool = False, device: str | torch.d
     resumed = None if checkpoint is None else int(checkpoint["step"])
     if stopped is not None:
         return TrainResult(paths.output_dir, paths.output_dir, state.samples, state.step, state.losses, resumed,
-                           table, stopped, run.guard.total, state.checkpoint)
+                           table, stopped, run.guard.total, state.checkpoint, runtime.rank)
     final = _save_final(run, state)
     if sampler is not None:
         state.samples += _sample(sampler, ema, state.step)
     return TrainResult(final, paths.output_dir, state.samples, state.step, state.losses, resumed, table,
-                       None, run.guard.total, state.checkpoint)
+                       None, run.guard.total, state.checkpoint, runtime.rank)
 
 
 def _say(runtime: Runtime, message: str) -> None:
@@ -674,11 +675,11 @@ class _Loop:
             index, batch = micro[bad]
             layer = first_nonfinite_output(run.transformer, lambda: self._loss(index, batch, None))
             where = f"non-finite loss ({float(losses[bad])}); first non-finite output: {layer or 'none on replay'}"
-            files = ", ".join(str(item.path) for item in batch)
+            files = ", ".join(str(item.record.path) for item in batch)
         else:
             names = nonfinite_gradients((n, p) for n, p in run.transformer.named_parameters() if p.requires_grad)
             where = f"non-finite gradient in {', '.join(names) or 'another process'} (loss {loss:.4g})"
-            files = ", ".join(str(item.path) for _, batch in micro for item in batch)
+            files = ", ".join(str(item.record.path) for _, batch in micro for item in batch)
         message = f"step {number}: {where}; images: {files}"
         stop = run.guard.record_skip(message)
         logger.warning("%s -- optimizer step skipped (%d in a row, %d in all)", message, run.guard.in_a_row,
