@@ -282,3 +282,14 @@ def test_sigkill_and_sigterm_in_real_processes(tmp_path: Path, tiny_flux_dir: Pa
         resumed = run_job(tmp_path, job)
     assert resumed.resumed_from is not None and resumed.resumed_from >= 3
     _assert_same_lora(resumed.lora_path, shared["lora"])
+
+
+def test_fp8_range_counts_per_layer_in_the_debug_log(tmp_path: Path, tiny_flux_dir: Path, shared: dict,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="coatflux.trainer.loop")
+    run_job(tmp_path, _job(tiny_flux_dir, tmp_path, shared["data"], steps=2))
+    lines = [r.getMessage() for r in caplog.records if "FP8 range:" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["step 1", "step 2"]
+    assert "underflow" in lines[0] and "worst:" in lines[0] and "transformer_blocks." in lines[0]

@@ -119,14 +119,21 @@ class ActivationCompressor:
         self.meter: SavedBytesMeter | None = None
         self.attention_depth = 0
         self.linear_inputs = linear_inputs  # the model's InputCache: tensor -> its FP8 GEMM copy
+        # Called as observer(original, quantized) after each quantization when set (see core.stats);
+        # None costs nothing.
+        self.range_observer: Callable[[torch.Tensor, QuantizedTensor], None] | None = None
         self._packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._derived: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
     def quantize_saved(self, t: torch.Tensor) -> QuantizedTensor:
         """The FP8 form this compressor stores activations in (per group or per tensor)."""
         if self.config.nonlinear_granularity == "per_group":
-            return quantize(t.detach(), E4M3, "group", self.config.group_size, pow2_scales=True)
-        return quantize(t.detach(), E4M3, "tensor")
+            q = quantize(t.detach(), E4M3, "group", self.config.group_size, pow2_scales=True)
+        else:
+            q = quantize(t.detach(), E4M3, "tensor")
+        if self.range_observer is not None:
+            self.range_observer(t, q)
+        return q
 
     def register_derived(self, output: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> None:
         """Declare that ``output`` can be recomputed from tensors already saved (see module doc)."""

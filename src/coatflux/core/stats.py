@@ -41,9 +41,9 @@ values, so the counts follow the quantizer's own definitions and work for every 
 The monitor attaches its observers only while :attr:`FP8RangeMonitor.enabled` is true, so a
 disabled monitor costs nothing at all: no kernels, no host syncs, not even the Python call.
 Enabled, it runs a few element-wise kernels per quantization and keeps the counts on the device;
-:meth:`~FP8RangeMonitor.snapshot` syncs once per device. The compressor has no hook of its own,
-so the monitor shadows its ``quantize_saved`` method on that one instance (removed on disable
-or :meth:`~FP8RangeMonitor.close`; pass ``activations=False`` to leave it alone). Alternatives:
+:meth:`~FP8RangeMonitor.snapshot` syncs once per device. The activation compressor has the same
+kind of hook, ``ActivationCompressor.range_observer`` (pass ``activations=False`` to leave it
+alone). Alternatives:
 histograms of exponents (far more data than a log line wants), or ``torch.compile``-side
 instrumentation (ties the counts to one backend); global monkey-patching of ``quantize`` would
 lose the layer names.
@@ -184,21 +184,16 @@ class FP8RangeMonitor:
         for name, layer in self.layers.items():
             layer.range_observer = self._layer_observer(name)
         if self.compressor is not None:
-            quantize_saved = self.compressor.quantize_saved
-
-            def observed(t: torch.Tensor) -> QuantizedTensor:
-                q = quantize_saved(t)
-                self._record(SAVED_ACTIVATIONS, t, q)
-                return q
-
-            self.compressor.quantize_saved = observed
+            if self.compressor.range_observer is not None:
+                raise RuntimeError("FP8RangeMonitor: the activation compressor already has a range observer")
+            self.compressor.range_observer = lambda t, q: self._record(SAVED_ACTIVATIONS, t, q)
         self._attached = True
 
     def _detach(self) -> None:
         for layer in self.layers.values():
             layer.__dict__.pop("range_observer", None)
         if self.compressor is not None:
-            self.compressor.__dict__.pop("quantize_saved", None)
+            self.compressor.range_observer = None
         self._attached = False
 
     def _layer_observer(self, name: str) -> Callable[[str, torch.Tensor, QuantizedTensor], None]:

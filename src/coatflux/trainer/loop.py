@@ -539,6 +539,7 @@ class _Loop:
         self.log_every = every if every is not None else run.cfg.performance_log_every
         self.writer = _tensorboard(run.cfg) if run.runtime.is_main else None
         self.seed, self.in_optimizer_step = 0, False
+        self.monitor = _range_monitor(run.transformer)
         self.samples_per_step = run.cfg.train.batch_size * run.cfg.train.gradient_accumulation * run.runtime.world_size
 
     def run(self, state: _State, stream: Iterator, sampler: Sampler | None) -> str | None:
@@ -565,6 +566,8 @@ class _Loop:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+            if self.monitor is not None:
+                self.monitor.close()
         return None
 
     def _stop(self, state: _State, signum: int | None) -> str:
@@ -641,6 +644,11 @@ class _Loop:
         loss_value = run.runtime.mean(float(torch.stack(losses).mean()))
         self._apply_or_skip(state, number, loss_value, losses, micro)
         self._report("after_optimizer_step", number)
+        if self.monitor is not None:
+            from coatflux.core.stats import format_counts
+
+            logger.debug("step %d: %s", number, format_counts(self.monitor.snapshot()))
+            self.monitor.reset()
         if self.table is not None and self.table.optimizer_state is None and run.guard.in_a_row == 0:
             self.table.optimizer_state = optimizer_state_bytes(run.optimizer)
             tqdm.write(format_table(self.table))
@@ -719,6 +727,19 @@ class _Loop:
             state.samples += _sample(sampler, self.run_.ema, state.step)
         if save or sample:
             self.run_.runtime.barrier()  # the others wait while the main process writes
+
+
+def _range_monitor(transformer: nn.Module):
+    """Per-layer FP8 overflow/underflow counts, logged every step, when the log level is DEBUG."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return None  # counting costs kernels and a sync per step: only when asked for
+    from coatflux.core.stats import FP8RangeMonitor
+
+    monitor = FP8RangeMonitor(transformer)
+    if not monitor.layers:
+        monitor.close()
+        return None
+    return monitor
 
 
 def _tensorboard(cfg: TrainJobConfig):
