@@ -3,9 +3,9 @@
 #
 # Run from the repository root on a CUDA box whose python3 has torch (+CUDA, Triton), transformers, peft,
 # safetensors and huggingface_hub but not diffusers: the wheels listed in scripts/gpu_wheels.txt
-# travel in .whl/. Seven files land in $OUT (default /tmp/coatflux_out): env.txt, quant_kernels.{log,json},
+# travel in .whl/. Files land in $OUT (default /tmp/coatflux_out): env.txt, {quant,nonlinear}_kernels.{log,json},
 # gpu_tests.log, bench.{log,json}, benchmarks.md; copy $OUT/benchmarks.md to docs/benchmarks.md as it is.
-# Expected wall time under 300 s on an H100/H200: kernels <= 60 s (mostly compilation), tests <= 60 s,
+# Expected wall time under 340 s on an H100/H200: kernels <= 85 s (mostly compilation), tests <= 60 s,
 # bench budget 200 s (capped at 225 s: one step of overshoot plus start-up).
 set -u -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -24,6 +24,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Quantization kernels, reference vs fused, on a 4608x3072 bf16 tensor (also fills inductor's cache for the tests).
 timeout 45 python3 benchmarks/quant_kernels.py --json "$OUT/quant_kernels.json" 2>&1 | tee "$OUT/quant_kernels.log"
 echo "quant kernels exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/quant_kernels.log"
+
+# Fused non-linear kernels (LayerNorm+AdaLN, QK RMSNorm, GELU-tanh with the FP8 save), reference vs fused.
+timeout 40 python3 benchmarks/nonlinear_kernels.py --json "$OUT/nonlinear_kernels.json" 2>&1 | tee "$OUT/nonlinear_kernels.log"
+echo "nonlinear kernels exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/nonlinear_kernels.log"
 
 # GPU kernel and FP8 tests (tests/test_kernels_quant.py, tests/test_kernels.py, ...); bounded so the bench always runs.
 timeout 50 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs tests 2>&1 \
