@@ -30,7 +30,7 @@ timeout 40 python3 benchmarks/nonlinear_kernels.py --json "$OUT/nonlinear_kernel
 echo "nonlinear kernels exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/nonlinear_kernels.log"
 
 # GPU kernel and FP8 tests (tests/test_kernels_quant.py, tests/test_kernels.py, ...); bounded so the bench always runs.
-timeout 50 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs tests 2>&1 \
+timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs tests 2>&1 \
   | tee "$OUT/gpu_tests.log"
 echo "gpu tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 
