@@ -109,8 +109,12 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path,
     monkeypatch.undo()
     folder = tmp_path / "output" / "run" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step_000000001.pt", "step_000000002.pt"]
+    # A SIGKILL leaves its temporary file behind (here, by hand); the next start clears them.
+    leftovers = [folder / ".step_000000003.pt.x1.tmp", tmp_path / "output" / "run" / ".run_000000003.safetensors.x.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
     resumed = run_job(tmp_path, job)
-    assert resumed.resumed_from == 2
+    assert resumed.resumed_from == 2 and not any(p.exists() for p in leftovers)
     _assert_same_lora(resumed.lora_path, shared["lora"])
 
 

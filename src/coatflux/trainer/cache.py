@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from coatflux.atomic import atomic_write
 
 if TYPE_CHECKING:
     from coatflux.trainer.data import Item
@@ -87,14 +87,7 @@ class TensorCache:
         if not self.to_disk:
             self._memory[key] = tensors
             return
-        handle, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, self._file(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._file(key), lambda tmp: save_file(tensors, tmp))
 
 
 class LatentCache:

@@ -205,9 +205,10 @@ def _remove_stale_temporaries(paths: RunPaths) -> None:
     A ``.<name>.old-*`` folder is kept: it holds the previous final folder if a kill landed between
     the two renames of :func:`~coatflux.atomic.atomic_write_dir`.
     """
-    for folder in (paths.output_dir, paths.checkpoints, paths.samples):
-        for path in folder.glob(".*.tmp") if folder.is_dir() else ():
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if not paths.output_dir.is_dir():
+        return
+    for path in sorted(paths.output_dir.rglob(".*.tmp"), reverse=True):  # caches, samples, checkpoints too
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def prepare_output_dir(paths: RunPaths, total_steps: int, overwrite: bool,
