@@ -89,6 +89,15 @@ def test_traced_graph_matches_reference_on_cpu():
     _check_all("cpu", "aot_eager", (torch.float32, torch.bfloat16))
 
 
+def test_tensor_of_tiny_values_and_zeros_gives_no_nan():
+    # amax / max underflows to 0 in fp32: both paths must use scale 1 (0/0 would make the zeros NaN).
+    x = torch.tensor([0.0, 1e-44, -1e-44, 0.0, 2.0**-140])
+    for fmt in FORMATS:
+        ref = quantize_reference(x, fmt, "tensor")
+        assert not torch.isnan(dequantize_reference(ref, torch.float32)).any()
+        _check_tensor(x, fmt, "aot_eager")
+
+
 @pytest.mark.slow
 def test_inductor_cpu_matches_reference():
     _check_all("cpu", "inductor", (torch.float32, torch.bfloat16))

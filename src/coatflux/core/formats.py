@@ -85,6 +85,9 @@ def _finite_amax(x: torch.Tensor, dim: int | None) -> torch.Tensor:
 def scale_from_amax(amax: torch.Tensor, fmt: FP8Format, pow2: bool = False) -> torch.Tensor:
     """Scale that maps ``amax`` to the format maximum (1 where ``amax`` is 0).
 
+    Also 1 where ``amax / max`` underflows to 0 in fp32 (``amax`` below ~6e-43): a zero scale would
+    turn the tensor's zeros into 0/0 = NaN; with scale 1 its values flush to zero, an underflow.
+
     With ``pow2`` the scale is the smallest power of two at or above ``amax / max``, returned as
     fp32; :func:`pow2_exponent` gives its int8 exponent for storage.
     """
@@ -95,7 +98,7 @@ def scale_from_amax(amax: torch.Tensor, fmt: FP8Format, pow2: bool = False) -> t
         scale = torch.exp2(exponent)
         # log2 of a non-power-of-two can round down by an ulp; fix the rare case it did.
         scale = torch.where(amax / scale > fmt.max, scale * 2, scale)
-    return torch.where(amax > 0, scale, torch.ones_like(scale))
+    return torch.where((amax > 0) & (scale > 0), scale, torch.ones_like(scale))
 
 
 def pow2_exponent(scale: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,8 @@ def _pow2_exponent_of(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
 def _quantize_tensor_fn(fmt: FP8Format) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     def fn(flat: torch.Tensor, fmt_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         amax = _finite_abs(flat).amax()
-        scale = torch.where(amax > 0, amax / fmt_max, torch.ones_like(amax))
+        scale = amax / fmt_max
+        scale = torch.where((amax > 0) & (scale > 0), scale, torch.ones_like(scale))  # as scale_from_amax
         codes = _saturate(flat.float() / scale, fmt).to(fmt.dtype)
         return codes, scale
 
