@@ -34,9 +34,7 @@ one process would see with N times the accumulation.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
-import hashlib
 import itertools
 import json
 import logging
@@ -44,7 +42,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +50,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coatflux.core.accounting import module_bytes, optimizer_state_bytes, saved_activation_bytes
-from coatflux.flux.loading import encode_images, load_flux_components
-from coatflux.flux.lora import find_lora_targets, inject_lora, lora_metadata
-from coatflux.flux.packing import pack_latents, prepare_latent_image_ids, prepare_text_ids, unpack_latents
-from coatflux.trainer.cache import LatentCache, TextEmbeddingCache, cache_root
+from coatflux.core.accounting import optimizer_state_bytes
+from coatflux.flux.loading import load_flux_components
+from coatflux.flux.lora import lora_metadata
 from coatflux.trainer.checkpoint import (
     CHECKPOINT_VERSION,
     RunPaths,
@@ -71,6 +67,7 @@ from coatflux.trainer.checkpoint import (
 from coatflux.trainer.config import TrainJobConfig
 from coatflux.trainer.data import Item, TrainingData
 from coatflux.trainer.distributed import Runtime, make_runtime
+from coatflux.trainer.encoding import BatchEncoder, fill_caches
 from coatflux.trainer.faults import (
     NonFiniteError,
     NonFiniteGuard,
@@ -82,11 +79,12 @@ from coatflux.trainer.faults import (
     out_of_memory_advice,
     signal_name,
 )
-from coatflux.trainer.network import BLOCKS, TrainedNetwork, build_network
+from coatflux.trainer.measure import block_copies, measure_memory
+from coatflux.trainer.network import TrainedNetwork, build_network
+from coatflux.trainer.objective import flow_matching_loss, noise_generator
 from coatflux.trainer.optimizers import LoRAEMA, build_lr_scheduler, build_optimizer
 from coatflux.trainer.report import MemoryTable, format_table, memory_line
-from coatflux.trainer.sampling import T5_MAX_LENGTH, Sampler, encode_prompts, sample_prompts
-from coatflux.trainer.timesteps import noisy_latents, sample_sigmas
+from coatflux.trainer.sampling import Sampler, encode_prompts, sample_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -163,14 +161,14 @@ def train(cfg: TrainJobConfig, *, overwrite: bool = False, device: str | torch.d
     # 2. Load, plan the run's micro-batches, fill the caches, free what training does not need.
     dtype = getattr(torch, cfg.train.dtype)
     components = load_flux_components(cfg.model.name_or_path, dtype, "cpu")
-    caches = _Caches(cfg, components, runtime.device, dtype)
+    caches = BatchEncoder(cfg, components, runtime.device, dtype)
     plan = _plan(data, cfg, state, runtime.world_size)
-    _fill_caches(caches, plan, data, runtime)
+    fill_caches(caches, plan, data, runtime)
     sampler = _make_sampler(cfg, components, paths, runtime.device, dtype) if runtime.is_main else None
     caches.release_encoders(keep_vae=sampler is not None or not caches.all_latents_cached)
     # 3. Select what trains, convert to FP8, move to the device; optimizer, schedule, EMA.
     transformer = components.transformer
-    block_copies = _block_copies(transformer) if runtime.is_main else {}
+    copies = block_copies(transformer) if runtime.is_main else {}
     network = build_network(transformer, cfg, runtime.device, state.seed)
     params = network.parameters()
     optimizer = build_optimizer(params, cfg.train, cfg.coat)
@@ -183,9 +181,9 @@ def train(cfg: TrainJobConfig, *, overwrite: bool = False, device: str | torch.d
                       f"(epoch {state.epoch}, batch {state.batch_index}) of {cfg.train.steps}")
     run.model = runtime.wrap(transformer)
     # 4. Train.
-    table = (_measure_memory(cfg, transformer, params, block_copies, caches, plan[0], runtime.device)
+    table = (measure_memory(cfg, transformer, params, copies, caches, plan[0], runtime.device)
              if runtime.is_main else None)
-    del block_copies, plan
+    del copies, plan
     if sampler is not None and checkpoint is None and not cfg.train.skip_first_sample:
         state.samples += _sample(sampler, ema, 0)
     stopped = _Loop(run, caches, table).run(state, _batch_stream(data, state), sampler)
@@ -279,96 +277,8 @@ def _plan(data: TrainingData, cfg: TrainJobConfig, state: _State, world_size: in
     return [batch for _, _, batch in itertools.islice(_batch_stream(data, state), max(count, world_size))]
 
 
-def _noise_generator(seed: int, micro_batch: int) -> torch.Generator:
-    # One generator per global micro-batch: the same micro-batch gets the same noise on any
-    # process, after any resume, and when it is replayed to find a non-finite value.
-    digest = hashlib.sha256(f"{seed}:{micro_batch}".encode()).hexdigest()
-    return torch.Generator().manual_seed(int(digest[:15], 16))
-
-
 # ----------------------------------------------------------------------------------------------
-# Phase 2: encoding and caches.
-
-
-def _latent_generator(key: str) -> torch.Generator:
-    # Seeded by the item's content key: the same draw always gets the same latent sample,
-    # whatever order items are encoded in (cache fill, resume, no cache).
-    return torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
-
-
-class _Caches:
-    """Latents and text embeddings for batches, from the caches or the encoders."""
-
-    def __init__(self, cfg: TrainJobConfig, components, device: torch.device, dtype: torch.dtype) -> None:
-        self.components, self.device, self.dtype = components, device, dtype
-        root, folders = cache_root(cfg.output_dir), [d.folder_path for d in cfg.datasets]
-        vae_id = f"{cfg.model.name_or_path}|vae|{dtype}"
-        self.latent = [LatentCache(root / "latents", vae_id, d.cache_latents_to_disk, folders)
-                       if d.cache_latents or d.cache_latents_to_disk else None for d in cfg.datasets]
-        # ai-toolkit requires all datasets or none to cache text embeddings; we cache if all do.
-        cache_text = all(d.cache_text_embeddings for d in cfg.datasets)
-        to_disk = all(d.cache_latents_to_disk for d in cfg.datasets)
-        self.text = TextEmbeddingCache(root / "text", f"{cfg.model.name_or_path}|te|{dtype}|{T5_MAX_LENGTH}",
-                                       to_disk, folders) if cache_text else None
-        self.all_latents_cached = all(c is not None for c in self.latent)
-        self._key_cache = LatentCache(root / "latents", vae_id, False)  # keys only, never stores
-        components.vae.to(device)
-        components.text_encoder.to(device)
-        components.text_encoder_2.to(device)
-
-    def fill(self, plan: list[list[Item]], data: TrainingData) -> None:
-        items = {self._key_cache.key(i): i for b in plan for i in b if self.latent[i.dataset_index] is not None}
-        for item in tqdm(list(items.values()), desc="caching latents", disable=not items, leave=False):
-            self.latents([item])
-        if self.text is not None:
-            captions = list(dict.fromkeys(i.caption for b in plan for i in b))
-            for caption in tqdm(captions, desc="caching text embeddings", leave=False):
-                self.text.embeddings([caption], self._encode_text)
-
-    def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        # One caption per encoder call: padded batches of different makeup round differently,
-        # and a resumed run must see the very same embeddings as an uninterrupted one.
-        encoded = [encode_prompts(self.components, [c], self.device, self.dtype) for c in captions]
-        return {name: torch.cat([e[name] for e in encoded]) for name in encoded[0]}
-
-    def _encode_item(self, item: Item, key: str) -> torch.Tensor:
-        pixels = TrainingData.load_pixels([item])
-        return encode_images(self.components.vae, pixels, _latent_generator(key)).to("cpu", torch.float32)
-
-    def latents(self, batch: list[Item]) -> torch.Tensor:
-        out = []
-        for item in batch:
-            cache, key = self.latent[item.dataset_index], self._key_cache.key(item)
-            if cache is None:
-                out.append(self._encode_item(item, key)[0])
-            else:
-                # _encode_item decodes the image itself (it needs the key for its generator), so
-                # the cache's pixel loader is a no-op.
-                out.append(cache.latents([item], lambda _px, i=item, k=key: self._encode_item(i, k),
-                                         lambda _items: None)[0])
-        return torch.stack(out)
-
-    def text_embeddings(self, batch: list[Item]) -> dict[str, torch.Tensor]:
-        captions = [i.caption for i in batch]
-        if self.text is not None:
-            return self.text.embeddings(captions, self._encode_text)
-        return self._encode_text(captions)
-
-    @property
-    def writes_files(self) -> bool:
-        stores = [c.store for c in self.latent if c is not None] + ([self.text.store] if self.text else [])
-        return any(store.to_disk for store in stores)
-
-    def release_encoders(self, keep_vae: bool) -> None:
-        """Free what training does not need: text encoders once captions are cached, the VAE too."""
-        c = self.components
-        if self.text is not None:
-            c.text_encoder = c.text_encoder_2 = None
-        if not keep_vae:
-            c.vae = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+# Phase 2: sampling.
 
 
 def _make_sampler(cfg: TrainJobConfig, components, paths: RunPaths, device: torch.device,
@@ -379,19 +289,6 @@ def _make_sampler(cfg: TrainJobConfig, components, paths: RunPaths, device: torc
     trigger = cfg.trigger_word or next((d.trigger_word for d in cfg.datasets if d.trigger_word), None)
     embeddings = encode_prompts(components, sample_prompts(items, trigger), device, dtype)
     return Sampler(components, items, embeddings, paths.samples, cfg.sample.format, device)
-
-
-
-
-def _fill_caches(caches: _Caches, plan: list[list[Item]], data: TrainingData, runtime: Runtime) -> None:
-    """Encode what this process will train on; only the main process writes cache files."""
-    mine = plan[runtime.rank::runtime.world_size]
-    if runtime.is_main:
-        # Disk caches are shared: the main process fills them for every rank, the others then read.
-        caches.fill(plan if caches.writes_files else mine, data)
-    runtime.barrier()
-    if not runtime.is_main:
-        caches.fill(mine, data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,125 +311,13 @@ def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The forward pass shared by training, the memory measurement and the non-finite replay.
-
-
-def flow_matching_loss(transformer: nn.Module, latents: torch.Tensor, text: dict[str, torch.Tensor],
-                       cfg: TrainJobConfig, generator: torch.Generator, device: torch.device,
-                       model: nn.Module | None = None) -> torch.Tensor:
-    """Mean-squared error between the predicted and the true velocity ``noise - latents``.
-
-    ``model`` is what is called (a DDP wrapper of ``transformer``, say); ``transformer`` answers
-    questions about the architecture.
-    """
-    dtype = next(p.dtype for n, p in transformer.named_parameters() if "lora_" not in n)
-    b, _, h, w = latents.shape
-    seq_len = (h // 2) * (w // 2)
-    sigmas = sample_sigmas(b, cfg.train.timestep_type, seq_len, generator)
-    noisy, target = noisy_latents(latents.to(device), sigmas, generator, cfg.train.noise_offset)
-    prompt = text["prompt_embeds"].to(device, dtype)
-    guidance = (torch.full((b,), cfg.train.cfg_scale, device=device)
-                if transformer.config.guidance_embeds else None)
-    pred = (model or transformer)(
-        hidden_states=pack_latents(noisy).to(dtype), encoder_hidden_states=prompt,
-        pooled_projections=text["pooled_prompt_embeds"].to(device, dtype), timestep=sigmas.to(device, dtype),
-        img_ids=prepare_latent_image_ids(h // 2, w // 2, device, dtype),
-        txt_ids=prepare_text_ids(prompt.shape[1], device, dtype), guidance=guidance, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(unpack_latents(pred, h, w).float(), target)
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory table: measured on the first batch.
-
-
-def _block_copies(transformer: nn.Module) -> dict[str, nn.Module]:
-    """Unconverted copies of the first double and single block (CPU), for the COAT comparison."""
-    return {name: copy.deepcopy(getattr(transformer, name)[0]) for name in BLOCKS if len(getattr(transformer, name))}
-
-
-class _OneBlock(nn.Module):
-    """A block under its real attribute name, so apply_coat / find_lora_targets see the same paths."""
-
-    def __init__(self, attr: str, block: nn.Module) -> None:
-        super().__init__()
-        self.attr = attr
-        setattr(self, attr, nn.ModuleList([block]))
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self, self.attr)[0](*args, **kwargs)
-
-
-def _capture_block_inputs(transformer: nn.Module) -> tuple[dict[str, tuple], list]:
-    captured: dict[str, tuple] = {}
-
-    def hook(name):
-        def store(_module, args, kwargs):
-            captured.setdefault(name, (args, kwargs))
-        return store
-    handles = [getattr(transformer, n)[0].register_forward_pre_hook(hook(n), with_kwargs=True)
-               for n in BLOCKS if len(getattr(transformer, n))]
-    return captured, handles
-
-
-def _leaf(value: Any) -> Any:
-    if torch.is_tensor(value) and value.is_floating_point() and value.dim() == 3:
-        return value.detach().clone().requires_grad_(True)  # hidden states: as in training, need grad
-    if isinstance(value, tuple):
-        return tuple(_leaf(v) for v in value)
-    return value.detach() if torch.is_tensor(value) else value
-
-
-def _block_bytes(cfg: TrainJobConfig, attr: str, block: nn.Module, inputs: tuple, coat: bool,
-                 device: torch.device) -> int:
-    from coatflux.core.api import apply_coat
-
-    model = _OneBlock(attr, copy.deepcopy(block) if coat else block).to(device)
-    full = cfg.network.type == "full"
-    model.requires_grad_(full)  # a full fine-tune trains the block's own weights (all, here)
-    if coat:
-        apply_coat(model, replace(cfg.coat, enabled=True, include=BLOCKS))
-    if not full:
-        inject_lora(model, cfg.network.linear, cfg.network.alpha, find_lora_targets(model), dtype=torch.float32)
-    args, kwargs = _leaf(inputs[0]), {k: _leaf(v) for k, v in inputs[1].items()}
-    return saved_activation_bytes(model, lambda: model(*args, **kwargs))
-
-
-def _measure_memory(cfg: TrainJobConfig, transformer: nn.Module, params: list[nn.Parameter],
-                    copies: dict[str, nn.Module], caches: _Caches, batch: list[Item],
-                    device: torch.device) -> MemoryTable:
-    table = MemoryTable(frozen_weights=module_bytes(transformer, trainable=False),
-                        trainable_weights=sum(p.numel() * p.element_size() for p in params),
-                        trainable_params=sum(p.numel() for p in params), coat_on=cfg.coat.enabled and cfg.coat.activation.use_fp8,
-                        optimizer_name=cfg.train.optimizer)
-    captured, handles = _capture_block_inputs(transformer)
-    latents, text = caches.latents(batch), caches.text_embeddings(batch)
-    generator = torch.Generator().manual_seed(0)  # never the training generator
-    try:
-        table.activations_measured = saved_activation_bytes(
-            transformer, lambda: flow_matching_loss(transformer, latents, text, cfg, generator, device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    counts = {"transformer_blocks": transformer.config.num_layers,
-              "single_transformer_blocks": transformer.config.num_single_layers}
-    plain = coat = 0
-    for attr, block in copies.items():
-        if attr in captured:
-            coat += _block_bytes(cfg, attr, block, captured[attr], True, device) * counts[attr]
-            plain += _block_bytes(cfg, attr, block, captured[attr], False, device) * counts[attr]
-    table.blocks_plain, table.blocks_coat = plain, coat
-    table.block_note = f"block 0 of each kind x {counts['transformer_blocks']}+{counts['single_transformer_blocks']}"
-    return table
-
-
-# ----------------------------------------------------------------------------------------------
 # Phase 4: the step loop.
 
 
 class _Loop:
     """One optimizer step at a time, with logging, saving, sampling and fault handling."""
 
-    def __init__(self, run: _Run, caches: _Caches, table: MemoryTable | None) -> None:
+    def __init__(self, run: _Run, caches: BatchEncoder, table: MemoryTable | None) -> None:
         self.run_, self.cfg, self.caches, self.table = run, run.cfg, caches, table
         self.params = run.network.parameters()
         every = run.cfg.coat.performance_log_every
@@ -622,7 +407,7 @@ class _Loop:
     def _loss(self, index: int, batch: list[Item], model: nn.Module | None) -> torch.Tensor:
         run = self.run_
         return flow_matching_loss(run.transformer, self.caches.latents(batch), self.caches.text_embeddings(batch),
-                                  self.cfg, _noise_generator(self.seed, index), run.device, model)
+                                  self.cfg, noise_generator(self.seed, index), run.device, model)
 
     def step(self, state: _State, stream: Iterator) -> float:
         """Forward and backward over this step's micro-batches, then the optimizer (or a skip)."""
