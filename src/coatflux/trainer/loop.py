@@ -9,13 +9,14 @@ Read :func:`train` top to bottom; each phase is one short helper below it:
 2. **Load and cache.** All components load on the CPU in ``train.dtype``. The micro-batches of
    the whole run are planned up front (they are a pure function of (seed, epoch), see
    :mod:`coatflux.trainer.data`), so every caption and image the run will use is known: with
-   caching on, each is encoded exactly once, then the text encoders (and the VAE, unless sampling
-   needs it) are freed for the training phase.
+   caching on, each is encoded exactly once (:mod:`coatflux.trainer.encoding`), then the text
+   encoders (and the VAE, unless sampling needs it) are freed for the training phase.
 3. **Prepare the transformer.** :func:`~coatflux.trainer.network.build_network` freezes it, makes
    the trained part trainable (LoRA adapters or selected weights), converts it to FP8 as
    configured and moves it to the device; with several processes it is wrapped for DDP
    (:mod:`coatflux.trainer.distributed`).
-4. **Train.** Rectified-flow loss (:mod:`coatflux.trainer.timesteps`), ``gradient_accumulation``
+4. **Train.** The memory table is measured on the first batch (:mod:`coatflux.trainer.measure`).
+   Rectified-flow loss (:mod:`coatflux.trainer.objective`), ``gradient_accumulation``
    micro-batches per optimizer step on each process, gradient clipping, LR schedule, optional EMA;
    a tqdm bar, optional TensorBoard, the guide's memory lines; weight files, checkpoints and
    samples on their periods. What goes wrong is handled between steps
