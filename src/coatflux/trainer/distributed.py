@@ -2,7 +2,7 @@
 
 What: :func:`make_runtime` returns a :class:`Runtime` that knows this process's rank and world
 size, wraps the transformer for DDP, averages numbers across processes and synchronises them.
-Run ``accelerate launch --num_processes N -m coatflux train CONFIG`` (or ``coatflux train`` for
+Run ``accelerate launch --multi_gpu --num_processes N -m coatflux train CONFIG`` (``torchrun`` on CPU, or ``coatflux train`` for
 one process).
 
 How the data is split: the run's micro-batches form one global sequence (a pure function of the

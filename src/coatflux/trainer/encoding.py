@@ -54,7 +54,7 @@ class BatchEncoder:
         components.text_encoder.to(device)
         components.text_encoder_2.to(device)
 
-    def fill(self, plan: list[list[Item]], data: TrainingData) -> None:
+    def fill(self, plan: list[list[Item]]) -> None:
         items = {self._key_cache.key(i): i for b in plan for i in b if self.latent[i.dataset_index] is not None}
         for item in tqdm(list(items.values()), desc="caching latents", disable=not items, leave=False):
             self.latents([item])
@@ -109,12 +109,12 @@ class BatchEncoder:
             torch.cuda.empty_cache()
 
 
-def fill_caches(caches: BatchEncoder, plan: list[list[Item]], data: TrainingData, runtime: Runtime) -> None:
+def fill_caches(caches: BatchEncoder, plan: list[list[Item]], runtime: Runtime) -> None:
     """Encode what this process will train on; only the main process writes cache files."""
     mine = plan[runtime.rank::runtime.world_size]
     if runtime.is_main:
         # Disk caches are shared: the main process fills them for every rank, the others then read.
-        caches.fill(plan if caches.writes_files else mine, data)
+        caches.fill(plan if caches.writes_files else mine)
     runtime.barrier()
     if not runtime.is_main:
-        caches.fill(mine, data)
+        caches.fill(mine)

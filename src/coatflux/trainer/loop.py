@@ -39,6 +39,7 @@ import gc
 import itertools
 import json
 import logging
+import math
 import random
 import time
 import warnings
@@ -164,7 +165,7 @@ def train(cfg: TrainJobConfig, *, overwrite: bool = False, device: str | torch.d
     components = load_flux_components(cfg.model.name_or_path, dtype, "cpu")
     caches = BatchEncoder(cfg, components, runtime.device, dtype)
     plan = _plan(data, cfg, state, runtime.world_size)
-    fill_caches(caches, plan, data, runtime)
+    fill_caches(caches, plan, runtime)
     sampler = _make_sampler(cfg, components, paths, runtime.device, dtype) if runtime.is_main else None
     caches.release_encoders(keep_vae=sampler is not None or not caches.all_latents_cached)
     # 3. Select what trains, convert to FP8, move to the device; optimizer, schedule, EMA.
@@ -368,10 +369,10 @@ class _Loop:
         try:
             return self.step(state, stream)
         except torch.OutOfMemoryError as error:
-            self._out_of_memory(state, position, error)
-            raise AssertionError("unreachable") from error
+            raise self._out_of_memory(state, position, error) from error
 
-    def _out_of_memory(self, state: _State, position: tuple[int, int, int], error: Exception) -> None:
+    def _out_of_memory(self, state: _State, position: tuple[int, int, int],
+                       error: Exception) -> TrainingOutOfMemory:
         """Free the step, save the state before it (if the optimizer had not started), explain."""
         run = self.run_
         run.optimizer.zero_grad(set_to_none=True)
@@ -389,7 +390,7 @@ class _Loop:
             lines.append(format_table(self.table))
         lines.append("To fit, try (most memory saved first):")
         lines += [f"  - {tip}" for tip in out_of_memory_advice(self.cfg)]
-        raise TrainingOutOfMemory("\n".join(lines)) from error
+        return TrainingOutOfMemory("\n".join(lines))
 
     def _report(self, stage: str, step: int) -> None:
         if self.log_every and step % self.log_every == 0 and self.run_.runtime.is_main:
@@ -444,7 +445,7 @@ class _Loop:
                        micro: list[tuple[int, list[Item]]]) -> None:
         run = self.run_
         norm = gradient_norm(self.params)  # gradients are already averaged over processes
-        if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(norm)):
+        if not (math.isfinite(loss) and torch.isfinite(norm)):
             self._skip(state, number, loss, losses, micro)
             return
         # Adafactor scales its own updates; ai-toolkit does not clip it either.

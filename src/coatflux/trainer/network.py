@@ -23,14 +23,15 @@ come out of a fine-tune unchanged where they were not trained.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from coatflux.atomic import atomic_write, atomic_write_dir
+from coatflux.atomic import atomic_write_dir
 from coatflux.flux.lora import (
     KEY_PREFIX,
     find_lora_targets,
@@ -126,10 +127,6 @@ class LoRANetwork:
         return self.save_step(output_dir / f"{name}.safetensors", dtype, metadata)
 
 
-def _state_key(module_name: str, param_name: str) -> str:
-    return f"{module_name}.{param_name}" if module_name else param_name
-
-
 class FullNetwork:
     """The transformer's own weights, those matching ``network_kwargs`` (all by default)."""
 
@@ -182,10 +179,8 @@ class FullNetwork:
         return {name: p.detach().to("cpu", dtype, copy=True).contiguous() for name, p in self._named().items()}
 
     def save_step(self, path: Path, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
-        from safetensors.torch import save_file
-
-        tensors = self._trained(dtype)
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        # save_lora is the project's one atomic safetensors writer; the tensors need not be a LoRA.
+        return save_lora(path, self._trained(dtype), metadata, overwrite=True)
 
     def save_final(self, output_dir: Path, name: str, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
         trained = self._trained(dtype)
@@ -199,14 +194,8 @@ class FullNetwork:
 
         def write(folder: Path) -> None:
             base.save_pretrained(folder, safe_serialization=True)
-            (folder / "coatflux.json").write_text(_json(metadata), encoding="utf-8")
+            (folder / "coatflux.json").write_text(json.dumps(metadata, indent=2, sort_keys=True), encoding="utf-8")
         return atomic_write_dir(output_dir / "transformer", write)
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, indent=2, sort_keys=True)
 
 
 def load_base_transformer(cfg: TrainJobConfig, dtype: torch.dtype) -> nn.Module:
