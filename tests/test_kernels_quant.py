@@ -116,9 +116,12 @@ def test_pow2_exponent_from_bits_matches_log2_reference():
         assert torch.equal(quant._pow2_exponent_of(amax, fmt.max).to(torch.int8), expected)
 
 
-def test_pow2_from_bits_is_exact():
-    k = torch.arange(-149, 128, dtype=torch.int32)
-    assert torch.equal(quant._pow2(k), torch.exp2(k.double()).float())
+def test_pow2_is_exact_eager_and_compiled():
+    k = torch.arange(-127, 128, dtype=torch.int32)
+    expected = torch.exp2(k.double()).float()
+    assert torch.equal(quant._pow2(k), expected)
+    compiled = torch.compile(quant._pow2, backend="inductor", fullgraph=True, options=quant._inductor_options())
+    assert torch.equal(compiled(k), expected)
 
 
 def test_dispatch_rule(monkeypatch):

@@ -1,4 +1,6 @@
 
+import copy
+
 import pytest
 import torch
 
@@ -123,7 +125,7 @@ def test_fp8_linear_on_gpu_matches_cpu_emulation():
     src.weight.requires_grad_(False)
     x = torch.randn(4, 300, 256, dtype=torch.bfloat16)
     cpu = FP8Linear.from_linear(src, ActivationConfig())
-    gpu = FP8Linear.from_linear(src.cuda(), ActivationConfig())
+    gpu = FP8Linear.from_linear(copy.deepcopy(src).cuda(), ActivationConfig())  # .cuda() moves in place
     xc, xg = x.clone().requires_grad_(True), x.cuda().requires_grad_(True)
     yc, yg = cpu(xc), gpu(xg)
     assert sqnr_db(yc.float(), yg.float().cpu()) > 30

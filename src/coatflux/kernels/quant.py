@@ -105,10 +105,23 @@ def _saturate(v: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
 
 
 def _pow2(exponent: torch.Tensor) -> torch.Tensor:
-    """Exactly ``2.0 ** exponent`` (int32 in [-149, 127]) as fp32, built from bits."""
-    normal = (exponent + 127).clamp(0, 254) << 23
-    subnormal = torch.ones_like(exponent) << (exponent + 149).clamp(0, 22)
-    return torch.where(exponent >= -126, normal, subnormal).view(torch.float32)
+    """Exactly ``2.0 ** exponent`` (integer ``exponent`` in [-127, 127]) as fp32, from exact factors.
+
+    The product of ``2**(+-2**b)`` over the set bits ``b`` of ``|exponent|``: every factor and
+    every partial product is a power of two no smaller than the result, so each multiplication is
+    exact (2**-127 is an fp32 subnormal). Chosen against building the float from its bits
+    (``(exponent + 127) << 23`` viewed as fp32): inductor's Triton code for torch 2.11 carries
+    that integer as int64 and the 32-bit bitcast fails to compile; and against ``exp2``/``ldexp``,
+    whose CUDA implementations do not promise exact results.
+    """
+    magnitude = exponent.abs()
+    negative = exponent < 0
+    one = torch.ones_like(exponent, dtype=torch.float32)
+    result = one
+    for bit in range(7):
+        factor = torch.where(negative, one * 2.0 ** -(2**bit), one * 2.0 ** (2**bit))
+        result = result * torch.where(((magnitude >> bit) & 1) == 1, factor, one)
+    return result
 
 
 def _pow2_exponent_of(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
