@@ -1,7 +1,8 @@
 """The benchmarked training recipes, each a function that turns a fresh bf16 model into (model, optimizer).
 
-Every recipe freezes the base transformer, adds rank-16 LoRA adapters (fp32, ai-toolkit's
-targets: every linear inside the double and single blocks) and builds an optimizer over them:
+Every recipe freezes the base transformer, adds rank-16 LoRA adapters (fp32 weights multiplied in
+bf16, as under ``torch.autocast``; ai-toolkit's targets: every linear inside the double and single
+blocks) and builds an optimizer over them:
 
 * ``bf16`` / ``bf16+ckpt``: the plain baseline, ``torch.optim.AdamW`` (fused on CUDA), with and
   without diffusers' gradient checkpointing (non-reentrant ``torch.utils.checkpoint`` per block).

@@ -194,7 +194,7 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
             "weight-gradient only for LoRA, attention 4·B·H·L²·D forward and twice that backward, at the "
             "measured bf16 rate (first figure) or with the linears at the measured FP8 rate (second).",
             "- samples/s vs bf16: throughput relative to the bf16 row at batch 1 and the same resolution.",
-            "- Every recipe trains the same rank-16 LoRA (fp32 adapters) on ai-toolkit's targets; the model has "
+            "- Every recipe trains the same rank-16 LoRA (fp32 weights, multiplied in bf16) on ai-toolkit's targets; the model has "
             "random weights (timing and memory depend on shapes only). No figure here is estimated.", ""]
     return "\n".join(out)
 

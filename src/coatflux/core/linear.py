@@ -19,8 +19,9 @@ Choices:
   scale along K, so that layer multiplies the dequantized input in the compute dtype.
 * Shapes ``torch._scaled_mm`` cannot take (K or N not a multiple of 16) and devices without FP8
   tensor cores use the emulated GEMM of :mod:`coatflux.core.gemm`; a layer says so once in the
-  log. The LoRA branch runs in the adapter's dtype (fp32 by default): its GEMMs have rank-sized
-  dimensions, where FP8 would save nothing.
+  log. The LoRA branch multiplies in the input's dtype (bf16), its fp32 weights cast per call:
+  its GEMMs have rank-sized dimensions, where FP8 would save nothing and fp32 would leave the
+  tensor cores idle. The LoRA scale is applied to the rank-sized tensors, never to an M x N one.
 * ``range_observer`` (``None`` by default, so nothing runs) is called with every tensor the layer
   quantizes -- ``("input", x, xq)``, ``("weight", w, wq)`` for a trainable weight and
   ``("grad_output", g, gq)`` -- so :class:`coatflux.core.stats.FP8RangeMonitor` can count
@@ -95,8 +96,8 @@ class _FP8LinearFunction(torch.autograd.Function):
             y = y + bias.to(y.dtype)
         h = None
         if lora_A is not None:
-            h = x2.to(lora_A.dtype) @ lora_A.t()
-            y = y + (lora_scale * (h @ lora_B.t())).to(y.dtype)
+            h = x2 @ lora_A.to(x.dtype).t()
+            y = torch.addmm(y, h, lora_B.to(y.dtype).t(), alpha=lora_scale)
         ctx.layer, ctx.lora_scale, ctx.x_shape = layer, lora_scale, x.shape
         if layer.input_saved_by_hooks:
             # The model's activation compressor stores x: as this FP8 copy, or, when x is the
@@ -129,14 +130,15 @@ class _FP8LinearFunction(torch.autograd.Function):
         if need_b:
             grad_b = g2.sum(0).to(grad_out.dtype)
         if lora_A is not None:
-            g_lora = g2.to(lora_A.dtype) * ctx.lora_scale
-            g_h = g_lora @ lora_B
+            compute = g2.dtype
+            g_h = (g2 @ lora_B.to(compute)).mul_(ctx.lora_scale)
             if need_x:
-                grad_x = grad_x + (g_h @ lora_A).to(grad_x.dtype)
+                grad_x = grad_x.addmm_(g_h, lora_A.to(compute))
             if need_a:
-                grad_a = g_h.t() @ _saved_input_values(ctx, x_saved, x_scale, lora_A.dtype).reshape(m, k)
+                x_values = _saved_input_values(ctx, x_saved, x_scale, compute).reshape(m, k)
+                grad_a = (g_h.t() @ x_values).to(lora_A.dtype)
             if need_lb:
-                grad_lb = g_lora.t() @ h
+                grad_lb = (g2.t() @ h).mul_(ctx.lora_scale).to(lora_B.dtype)
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, grad_w, grad_b, grad_a, grad_lb, None, None

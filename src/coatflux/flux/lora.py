@@ -18,7 +18,11 @@ Choices:
 
 * LoRA weights default to fp32 whatever the base dtype (as ai-toolkit does): rank-r updates are
   tiny and bf16 rounding of ``lr * update`` would stall them; the cost is ~2x of a few hundred MB.
-  The branch input is cast to the LoRA dtype and its output back to the base's.
+  The branch is *multiplied* in the activation dtype, with A and B cast to it on each call (what
+  ``torch.autocast`` does to an fp32 layer), rather than casting the input up to fp32 (PEFT's
+  way): on an H200 the fp32 way cost a FLUX.1-dev LoRA step at 1024 px about 190 of 660 ms of GPU
+  time (rank-16 fp32 GEMMs run on CUDA cores, plus an fp32 copy of every input, which autograd
+  also keeps for backward). Gradients reach the fp32 weights through the cast.
 * ``A`` gets PyTorch's default ``Linear`` init (kaiming-uniform with a=sqrt(5), as PEFT and the LoRA
   reference code use) and ``B`` zeros, so an injected model starts equal to the base.
 * Files carry no ``alpha`` keys: ``scale = alpha / rank`` is folded into ``lora_B`` (consumers that
@@ -110,8 +114,8 @@ class LoRALinear(nn.Module):
             # One saved FP8 copy of x serves the base GEMM and both LoRA GEMMs in backward.
             return self.base(x, self.lora_A.weight, self.lora_B.weight, scale)
         out = self.base(x)
-        delta = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))
-        return out + scale * delta.to(out.dtype)
+        h = nn.functional.linear(x, self.lora_A.weight.to(x.dtype))
+        return out + nn.functional.linear(h * scale, self.lora_B.weight.to(x.dtype)).to(out.dtype)
 
     def extra_repr(self) -> str:
         return (
