@@ -91,3 +91,29 @@ def test_coat_trainer_guide_example():
 def test_activation_config_validation():
     with pytest.raises(ValueError, match="group_size"):
         ActivationConfig(group_size=3)
+
+
+def test_attention_scope_is_opened_only_inside_attention_modules():
+    """The SDPA-finding mode is active inside FluxAttention modules only; their SDPA tensors stay bf16."""
+    from coatflux.bench.model import PRESETS, build_transformer, make_batch
+
+    preset = PRESETS["tiny"]
+    model = build_transformer(preset, "cpu").requires_grad_(False)
+    with pytest.warns(RuntimeWarning, match="FP8 GEMMs need a CUDA GPU"):
+        apply_coat(model)
+    context = model.coat_context
+    attention = [m for m in model.modules() if type(m).__name__ == "FluxAttention"]
+    assert context.attention_modules == len(attention) > 0
+    compressor, seen = context.compressor, []
+    pack = compressor.pack
+    compressor.pack = lambda t: (seen.append((compressor.attention_depth, pack(t))), seen[-1][1])[1]
+    data = make_batch(preset, 256, 1, "cpu")  # 256 image tokens: tensors above min_saved_numel
+    data.pop("target")
+    x = data["hidden_states"].requires_grad_(True)
+    model(**data, return_dict=False)[0].float().square().mean().backward()
+    inside = [packed for depth, packed in seen if depth > 0]
+    outside = [packed for depth, packed in seen if depth == 0]
+    assert inside and all(torch.is_tensor(p) for p in inside)  # q, k, v, output, log-sum-exp as they are
+    assert any(not torch.is_tensor(p) for p in outside)  # everything else is packed as usual
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert not context._scopes and not context._stacks  # every scope was closed

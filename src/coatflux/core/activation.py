@@ -17,7 +17,10 @@ autograd, any model works unchanged, and non-reentrant ``torch.utils.checkpoint`
 because its own hooks are innermost inside a checkpointed region (those tensors are recomputed,
 not stored). Attention is recognised with a ``TorchFunctionMode`` that marks the span of each
 ``scaled_dot_product_attention`` call, inside which tensors pass through; nothing is
-monkey-patched.
+monkey-patched. Such a mode sees every torch call made while it is active, which costs CPU time
+on each of them (17% of a tiny FLUX model's forward and backward on a CPU), so
+:func:`coatflux.core.api.apply_coat` activates it only inside the model's attention modules
+(:func:`is_attention_module`) and model-wide only when it finds none.
 
 A tensor saved by several ops (LayerNorm output used by three modulations, say) is compressed
 once: packed copies are cached weakly by the identity and version of the source tensor. Two
@@ -75,6 +78,14 @@ class _AttentionScope(TorchFunctionMode):
             return func(*args, **kwargs)
         finally:
             self._compressor.attention_depth -= 1
+
+
+def is_attention_module(module: torch.nn.Module) -> bool:
+    """Modules inside which scaled-dot-product attention is looked for: classes named ``*Attention``.
+
+    That covers diffusers' ``Attention`` and ``FluxAttention`` and ``nn.MultiheadAttention``.
+    """
+    return type(module).__name__.endswith("Attention")
 
 
 class _Packed:
@@ -176,13 +187,21 @@ class ActivationCompressor:
         return packed
 
     @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        """Context in which saved activations are compressed (attention kept as configured)."""
+    def __call__(self, find_attention: bool = True) -> Iterator[None]:
+        """Context in which saved activations are compressed (attention kept as configured).
+
+        ``find_attention=False`` leaves finding attention to :meth:`attention_scope` contexts that
+        the caller opens around the modules that run it (what ``apply_coat`` does).
+        """
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
-            if self.config.keep_attention_bf16:
-                stack.enter_context(_AttentionScope(self))
+            if find_attention:
+                stack.enter_context(self.attention_scope())
             yield
+
+    def attention_scope(self) -> contextlib.AbstractContextManager:
+        """Within it, tensors saved by scaled-dot-product attention are kept as they are (if configured)."""
+        return _AttentionScope(self) if self.config.keep_attention_bf16 else contextlib.nullcontext()
 
 
 class SavedBytesMeter:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from coatflux.core.activation import ActivationCompressor
+from coatflux.core.activation import ActivationCompressor, is_attention_module
 from coatflux.core.config import ActivationConfig, COATConfig
 from coatflux.core.gemm import GemmPlanner, fp8_gemm_support
 from coatflux.core.linear import FP8Linear, InputCache
@@ -49,18 +49,30 @@ class COATContext:
     converted: list[str] = field(default_factory=list)
     fused: list[str] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
+    attention_modules: int = 0  # modules that open the compressor's attention scope themselves
     _stacks: list[contextlib.ExitStack] = field(default_factory=list)
+    _scopes: list[contextlib.AbstractContextManager] = field(default_factory=list)
 
     def enter(self, module: nn.Module, args: Any) -> None:
         if self.compressor is None:
             return
         stack = contextlib.ExitStack()
-        stack.enter_context(self.compressor())
+        stack.enter_context(self.compressor(find_attention=self.attention_modules == 0))
         self._stacks.append(stack)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._stacks:
             self._stacks.pop().close()
+
+    def enter_attention(self, module: nn.Module, args: Any) -> None:
+        if self.compressor is not None and self._stacks:  # only inside a COAT forward
+            scope = self.compressor.attention_scope()
+            scope.__enter__()
+            self._scopes.append(scope)
+
+    def exit_attention(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._scopes:
+            self._scopes.pop().__exit__(None, None, None)
 
 
 def _matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
@@ -102,6 +114,25 @@ def _fuse_nonlinear(model: nn.Module, config: COATConfig, compressor: Activation
                 setattr(module, child_name, replacement)
                 fused.append(full)
     return fused
+
+
+def _scope_attention_modules(model: nn.Module, context: COATContext) -> list[Any]:
+    """Open the compressor's attention scope only inside attention modules (see core.activation).
+
+    A nested attention module (one inside another) needs no scope of its own.
+    """
+    handles = []
+    for name, module in model.named_modules():
+        if is_attention_module(module) and not _inside_attention(model, name):
+            handles.append(module.register_forward_pre_hook(context.enter_attention))
+            handles.append(module.register_forward_hook(context.exit_attention, always_call=True))
+            context.attention_modules += 1
+    return handles
+
+
+def _inside_attention(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(is_attention_module(model.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts)))
 
 
 def _warn_fallback(model: nn.Module, device: torch.device | str | None) -> None:
@@ -166,6 +197,8 @@ def apply_coat(model: nn.Module, config: COATConfig | None = None,
         model.register_forward_pre_hook(context.enter),
         model.register_forward_hook(context.exit, always_call=True),
     ]
+    if config.activation.keep_attention_bf16:
+        context.handles += _scope_attention_modules(model, context)
     model.coat_context = context
     logger.info("COAT: %d linears converted to FP8, %d norms/activations fused; saved activations "
                 "compressed (%s, group %d)", len(context.converted), len(context.fused),
