@@ -81,7 +81,7 @@ def cli_args():
 
 def test_cudnn_attention_is_disabled_for_the_run_and_recorded(tmp_path):
     from coatflux.bench.__main__ import main
-    from coatflux.bench.cli import attention_policy
+    from coatflux.flux.attention import attention_policy
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
     with attention_policy(allow_cudnn=False):

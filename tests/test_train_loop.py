@@ -211,3 +211,18 @@ def test_finished_run_is_not_overwritten_silently(tmp_path: Path, tiny_flux_dir:
     assert first.lora_path.is_file()
     again = run_job(tmp_path, job, overwrite=True)
     assert again.resumed_from is None and again.steps == 2
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_training_runs_without_cudnn_attention_unless_asked(tmp_path: Path, tiny_flux_dir: Path, monkeypatch,
+                                                           allow: bool) -> None:
+    """cuDNN SDPA is off while training (its backward failed on an H200), restored afterwards."""
+    from coatflux.trainer import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "_train", lambda *args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    model = {"name_or_path": str(tiny_flux_dir), "is_flux": True, "cudnn_attention": allow}
+    train(load_job(tmp_path, job_dict(tiny_flux_dir, tmp_path, model=model)))
+    assert seen == [allow and before]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -29,11 +29,9 @@ of the markdown records which backends were allowed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -305,22 +303,9 @@ def _label_max_batches(rows: list) -> None:
             r.max_batch = found[(r.config, r.resolution)]
 
 
-@contextlib.contextmanager
-def attention_policy(allow_cudnn: bool) -> Iterator[None]:
-    """Disable the cuDNN SDPA backend for the enclosed code unless ``allow_cudnn``; restore it after."""
-    toggle = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)
-    if toggle is None or allow_cudnn:
-        yield
-        return
-    previous = torch.backends.cuda.cudnn_sdp_enabled()
-    toggle(False)
-    try:
-        yield
-    finally:
-        toggle(previous)
-
-
 def run(args: argparse.Namespace) -> int:
+    from coatflux.flux.attention import attention_policy
+
     with attention_policy(getattr(args, "allow_cudnn_attention", False)):
         return _run(args)
 
@@ -330,12 +315,12 @@ def _run(args: argparse.Namespace) -> int:
     from coatflux.bench.model import PRESETS, count_step_flops
     from coatflux.bench.report import (
         Report,
-        attention_backends,
         command_line,
         environment,
         table,
         write_outputs,
     )
+    from coatflux.flux.attention import attention_backends
 
     start = time.monotonic()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

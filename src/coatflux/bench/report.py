@@ -99,22 +99,6 @@ def environment(device: torch.device, preset: str, argv: list[str]) -> dict[str,
     return env
 
 
-def attention_backends() -> str:
-    """Which ``scaled_dot_product_attention`` backends PyTorch may pick right now, e.g. for the report."""
-    cuda = torch.backends.cuda
-    checks = {"flash": "flash_sdp_enabled", "memory-efficient": "mem_efficient_sdp_enabled",
-              "math": "math_sdp_enabled", "cuDNN": "cudnn_sdp_enabled"}
-    state = {name: getattr(cuda, fn)() for name, fn in checks.items() if hasattr(cuda, fn)}
-    allowed = [name for name, on in state.items() if on]
-    disabled = [name for name, on in state.items() if not on]
-    text = ", ".join(allowed) + " allowed" if allowed else "none allowed"
-    if "cuDNN" in disabled:
-        text += "; cuDNN disabled (its backward failed on an H200, torch 2.11 + CUDA 13; --allow-cudnn-attention keeps it)"
-    elif disabled:
-        text += "; " + ", ".join(disabled) + " disabled"
-    return text
-
-
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -210,4 +194,10 @@ def write_outputs(report: Report, flops: dict[int, StepFlops], json_path: str | 
 
 
 def command_line() -> list[str]:
-    return ["coatflux", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith(("coatflux", "cli.py")) else sys.argv
+    """The command as a user would type it (``python -m coatflux.bench`` shows up as its file path)."""
+    program = sys.argv[0] if sys.argv else ""
+    if program.endswith(("coatflux", "cli.py", "coatflux/__main__.py")):
+        return ["coatflux", *sys.argv[1:]]
+    if program.endswith(("bench/__main__.py", "coatflux-bench")):
+        return ["python", "-m", "coatflux.bench", *sys.argv[1:]]
+    return sys.argv

@@ -362,6 +362,8 @@ class ModelConfig:
     quantize: bool = _spec(False, _bool)
     qtype: str = _spec("qfloat8", _str)
     dtype: str = _spec("float16", _dtype)
+    # coatflux's own key: keep PyTorch's cuDNN attention backend (off by default, see coatflux.flux.attention)
+    cudnn_attention: bool = _spec(False, _bool)
 
     @property
     def is_single_file(self) -> bool:

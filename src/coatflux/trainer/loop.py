@@ -53,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coatflux.core.accounting import optimizer_state_bytes
+from coatflux.flux.attention import attention_policy
 from coatflux.flux.loading import load_flux_components
 from coatflux.flux.lora import lora_metadata
 from coatflux.trainer.checkpoint import (
@@ -154,6 +155,11 @@ class _Run:
 
 def train(cfg: TrainJobConfig, *, overwrite: bool = False, device: str | torch.device | None = None) -> TrainResult:
     """Train what ``cfg`` describes; resumes from the newest usable checkpoint when there is one."""
+    with attention_policy(allow_cudnn=cfg.model.cudnn_attention):
+        return _train(cfg, overwrite, device)
+
+
+def _train(cfg: TrainJobConfig, overwrite: bool, device: str | torch.device | None) -> TrainResult:
     runtime = make_runtime(_pick_device(device or cfg.device))
     paths = RunPaths(cfg.output_dir, cfg.name)
     # 1. Check everything that can fail before loading the model.
