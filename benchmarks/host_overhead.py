@@ -1,4 +1,4 @@
-"""Host (CPU) time of one forward + backward of the tiny FLUX model: bf16 against COAT.
+"""Host (CPU) time of one forward + backward of the tiny FLUX model: bf16 against COAT and its parts.
 
 What: builds the bench's ``tiny`` FLUX (2 double + 2 single blocks, hidden 64) with a rank-16
 LoRA, and times forward + backward at 32 px (4 image tokens), where the arithmetic is negligible
@@ -25,15 +25,25 @@ import torch
 
 from coatflux.bench.model import PRESETS, build_transformer, loss_of, make_batch
 from coatflux.core import formats
-from coatflux.core.api import apply_coat
+from coatflux.core.api import apply_coat, replace_linear_with_fp8
+from coatflux.core.config import ActivationConfig, COATConfig
 from coatflux.flux.lora import find_lora_targets, inject_lora, lora_parameters
 
+RECIPES = {
+    "bf16": "plain bf16 linears",
+    "fp8-linears": "replace_linear_with_fp8 only (FP8 weights and GEMMs, activations not compressed)",
+    "coat-unfused": "apply_coat with fused_nonlinear: false",
+    "coat": "apply_coat (the default: fused norm/GELU kernels)",
+}
 
-def _model(coat: bool) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+
+def _model(recipe: str) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     preset = PRESETS["tiny"]
     model = build_transformer(preset, "cpu").requires_grad_(False)
-    if coat:
-        apply_coat(model)
+    if recipe == "fp8-linears":
+        replace_linear_with_fp8(model)
+    elif recipe != "bf16":
+        apply_coat(model, COATConfig(activation=ActivationConfig(fused_nonlinear=recipe == "coat")))
     inject_lora(model, preset.lora_rank, float(preset.lora_rank), find_lora_targets(model))
     return model, lora_parameters(model)
 
@@ -71,10 +81,9 @@ def main() -> None:
           f"1 thread, tiny FLUX at 32 px, {args.kernels} kernels")
     with patch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "FP8 GEMMs need a CUDA GPU": expected here
-        bf16 = _ms_per_step(*_model(coat=False), args.steps, args.repeats)
-        coat = _ms_per_step(*_model(coat=True), args.steps, args.repeats)
-    print(f"bf16 forward+backward: {bf16:.1f} ms")
-    print(f"COAT forward+backward: {coat:.1f} ms ({coat / bf16:.2f}x bf16)")
+        times = {recipe: _ms_per_step(*_model(recipe), args.steps, args.repeats) for recipe in RECIPES}
+    for recipe, ms in times.items():
+        print(f"{recipe:13s} forward+backward {ms:6.1f} ms ({ms / times['bf16']:.2f}x bf16)  {RECIPES[recipe]}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ blocks) and builds an optimizer over them:
 * ``coat`` / ``coat+ckpt``: :func:`coatflux.core.api.apply_coat` (FP8 weights, FP8 GEMMs, FP8
   saved activations) and :class:`~coatflux.core.optim.FP8AdamW`, or the fused multi-tensor
   FP8AdamW of :mod:`coatflux.kernels` when ``fused_optimizer`` is set.
+* ``coat-unfused``: ``coat`` with ``activation.fused_nonlinear: false``. The fused norm and GELU
+  kernels save memory (their outputs are recomputed, not stored) but add compiled-function calls,
+  and on an H200 COAT's step was bound by host time; this row measures that trade.
 
 Why functions over a fresh model rather than toggles on one model: every recipe converts modules
 in place, so each configuration gets its own model, built again from the preset.
@@ -116,12 +119,12 @@ def prepare_torchao(model: nn.Module, rank: int, fused_optimizer: bool = False) 
     return _adamw(_add_lora(model, rank))
 
 
-def prepare_coat(model: nn.Module, rank: int, fused_optimizer: bool = False) -> torch.optim.Optimizer:
+def _prepare_coat(model: nn.Module, rank: int, fused_optimizer: bool, fused_nonlinear: bool) -> torch.optim.Optimizer:
     from coatflux.core.api import COATTrainer
-    from coatflux.core.config import COATConfig
+    from coatflux.core.config import ActivationConfig, COATConfig
 
     model.requires_grad_(False)
-    trainer = COATTrainer(COATConfig())
+    trainer = COATTrainer(COATConfig(activation=ActivationConfig(fused_nonlinear=fused_nonlinear)))
     trainer.prepare_model(model)
     params = _add_lora(model, rank)
     if fused_optimizer:
@@ -129,6 +132,14 @@ def prepare_coat(model: nn.Module, rank: int, fused_optimizer: bool = False) -> 
 
         return FusedFP8AdamW(params, lr=LR, fp8_config=trainer.config.optimizer)
     return trainer.create_optimizer(params, lr=LR)
+
+
+def prepare_coat(model: nn.Module, rank: int, fused_optimizer: bool = False) -> torch.optim.Optimizer:
+    return _prepare_coat(model, rank, fused_optimizer, fused_nonlinear=True)
+
+
+def prepare_coat_unfused(model: nn.Module, rank: int, fused_optimizer: bool = False) -> torch.optim.Optimizer:
+    return _prepare_coat(model, rank, fused_optimizer, fused_nonlinear=False)
 
 
 def _torchao_missing() -> str | None:
@@ -162,4 +173,6 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
                 unavailable=_torchao_missing),
     BenchConfig("coat", "COAT: FP8 weights, GEMMs, activations, FP8AdamW", prepare_coat),
     BenchConfig("coat+ckpt", "COAT with gradient checkpointing per block", prepare_coat, checkpointing=True),
+    BenchConfig("coat-unfused", "COAT without the fused norm/GELU kernels (fewer host calls, more saved bytes)",
+                prepare_coat_unfused),
 )}
