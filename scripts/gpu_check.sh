@@ -4,14 +4,16 @@
 # Run from the repository root on a CUDA box whose python3 has torch (+CUDA, Triton), transformers, peft,
 # safetensors and huggingface_hub but not diffusers: the wheels listed in scripts/gpu_wheels.txt
 # travel in .whl/. Files land in $OUT (default /tmp/coatflux_out), seven at most (the device tool brings
-# back eight): env.txt, bench.{log,json}, benchmarks.md, gpu_tests.log, trainer_cuda.log, profile.log.
+# back eight): env.txt, bench.{log,json}, benchmarks.md, gpu_tests.log, trainer_cuda.log, quant_kernels.log,
+# profile.log.
 # Copy $OUT/benchmarks.md to docs/benchmarks.md as it is.
 #
 # Order and bounds come from the two H200 runs of 2026-11-26: the first COAT config spends about 70 s
 # compiling its kernels (inductor's on-disk cache then serves the later processes), the GPU tests
 # did not finish in 80 s on a cold cache, and the 20-step tiny trainer did not finish in 50 s. The
-# bench comes first so that a cut run still has its table. Expected wall time under 480 s:
-# bench <= 250 s (budget 220 s), tests <= 120 s, trainer <= 90 s, profile whatever is left.
+# bench comes first so that a cut run still has its table. Expected wall time under 570 s (give the
+# device call timeout_s 590): bench <= 250 s (budget 220 s), tests <= 120 s, trainer <= 90 s,
+# quantization kernels <= 40 s, profile <= 50 s.
 set -u -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
@@ -47,7 +49,11 @@ timeout 90 bash -c 'python3 -m coatflux make-tiny-flux /tmp/tiny-flux > /dev/nul
        --set model.name_or_path=/tmp/tiny-flux --set training_folder=/tmp/coatflux_train' > "$OUT/trainer_cuda.log" 2>&1
 echo "trainer exit status: $?" >> "$OUT/trainer_cuda.log"
 
+# Quantization kernels, reference vs compiled, on a 4608 x 3072 bf16 tensor (one 1024 px linear input).
+timeout 40 python3 benchmarks/quant_kernels.py > "$OUT/quant_kernels.log" 2>&1
+echo "quant kernels exit status: $?" >> "$OUT/quant_kernels.log"
+
 # Where a 1024 px COAT step spends its time (kernel categories, GPU busy against wall time, top kernels).
-timeout 60 python3 benchmarks/profile_step.py --preset flux-dev --resolution 1024 --configs coat \
+timeout 50 python3 benchmarks/profile_step.py --preset flux-dev --resolution 1024 --configs coat \
   --warmup 2 --top 30 2>&1 | grep -v "should be kept in float32" > "$OUT/profile.log"
 echo "profile exit status: ${PIPESTATUS[0]}" >> "$OUT/profile.log"

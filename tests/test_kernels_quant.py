@@ -181,3 +181,13 @@ def test_cuda_dispatch_matches_reference():
         _assert_identical(ref.data, fast.data)
         _assert_identical(ref.scale, fast.scale)
         _assert_same_values(dequantize_reference(ref), formats.dequantize(fast))
+
+
+def test_per_tensor_scale_over_several_amax_blocks():
+    """Two full blocks of partial maxima and a padded tail; the largest finite value in the tail."""
+    x = torch.randn(3, 2900) * 0.01  # 8700 elements: blocks of 4096, 4096 and 508
+    x.view(-1)[8699] = -7.5
+    x.view(-1)[5] = float("inf")  # ignored by the scale, saturated in the codes
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_tensor(x.to(dtype), E4M3, "inductor")
+    assert quant.AMAX_BLOCK < x.numel() < 3 * quant.AMAX_BLOCK
