@@ -121,18 +121,14 @@ def _scope_attention_modules(model: nn.Module, context: COATContext) -> list[Any
 
     A nested attention module (one inside another) needs no scope of its own.
     """
-    handles = []
-    for name, module in model.named_modules():
-        if is_attention_module(module) and not _inside_attention(model, name):
+    handles, scoped = [], []
+    for name, module in model.named_modules():  # parents come before their children
+        if is_attention_module(module) and not any(name.startswith(f"{outer}.") for outer in scoped):
             handles.append(module.register_forward_pre_hook(context.enter_attention))
             handles.append(module.register_forward_hook(context.exit_attention, always_call=True))
-            context.attention_modules += 1
+            scoped.append(name)
+    context.attention_modules = len(scoped)
     return handles
-
-
-def _inside_attention(model: nn.Module, name: str) -> bool:
-    parts = name.split(".")
-    return any(is_attention_module(model.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts)))
 
 
 def _warn_fallback(model: nn.Module, device: torch.device | str | None) -> None:

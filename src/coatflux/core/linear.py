@@ -94,24 +94,27 @@ class _FP8LinearFunction(torch.autograd.Function):
             y = dequantize(xq).reshape(m, -1) @ (w_codes.to(x.dtype) * w_scale.to(x.dtype)).t()
         if bias is not None:
             y = y + bias.to(y.dtype)
-        h = None
+        h = a = b = None
         if lora_A is not None:
-            h = x2 @ lora_A.to(x.dtype).t()
-            y = torch.addmm(y, h, lora_B.to(y.dtype).t(), alpha=lora_scale)
+            # cast once: backward multiplies with these same copies and casts its gradients back
+            ctx.lora_dtypes = (lora_A.dtype, lora_B.dtype)
+            a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+            h = x2 @ a.t()
+            y = torch.addmm(y, h, b.t(), alpha=lora_scale)
         ctx.layer, ctx.lora_scale, ctx.x_shape = layer, lora_scale, x.shape
         if layer.input_saved_by_hooks:
             # The model's activation compressor stores x: as this FP8 copy, or, when x is the
             # output of a fused non-linear op, as a recipe that recomputes it (no bytes at all).
             ctx.x_meta = None
-            ctx.save_for_backward(x, None, weight, lora_A, lora_B, h)
+            ctx.save_for_backward(x, None, weight, a, b, h)
         else:
             ctx.x_meta = (xq.granularity, xq.group, xq.shape, x.dtype, xq.pow2)
-            ctx.save_for_backward(xq.data, xq.scale, weight, lora_A, lora_B, h)
+            ctx.save_for_backward(xq.data, xq.scale, weight, a, b, h)
         return y.reshape(*x.shape[:-1], layer.out_features)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_saved, x_scale, weight, lora_A, lora_B, h = ctx.saved_tensors
+        x_saved, x_scale, weight, lora_a, lora_b, h = ctx.saved_tensors  # LoRA weights in the compute dtype
         layer: FP8Linear = ctx.layer
         n, k = layer.out_features, layer.in_features
         g2 = grad_out.reshape(-1, n)
@@ -129,16 +132,16 @@ class _FP8LinearFunction(torch.autograd.Function):
             grad_w = _weight_grad(gq, g2, _saved_input_fp8(ctx, x_saved, x_scale), weight, layer)
         if need_b:
             grad_b = g2.sum(0).to(grad_out.dtype)
-        if lora_A is not None:
-            compute = g2.dtype
-            g_h = (g2 @ lora_B.to(compute)).mul_(ctx.lora_scale)
+        if lora_a is not None:
+            a_dtype, b_dtype = ctx.lora_dtypes
+            g_h = (g2 @ lora_b).mul_(ctx.lora_scale)
             if need_x:
-                grad_x = grad_x.addmm_(g_h, lora_A.to(compute))
+                grad_x = grad_x.addmm_(g_h, lora_a)
             if need_a:
-                x_values = _saved_input_values(ctx, x_saved, x_scale, compute).reshape(m, k)
-                grad_a = (g_h.t() @ x_values).to(lora_A.dtype)
+                x_values = _saved_input_values(ctx, x_saved, x_scale, lora_a.dtype).reshape(m, k)
+                grad_a = (g_h.t() @ x_values).to(a_dtype)
             if need_lb:
-                grad_lb = (g2.t() @ h).mul_(ctx.lora_scale).to(lora_B.dtype)
+                grad_lb = (g2.t() @ h).mul_(ctx.lora_scale).to(b_dtype)
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, grad_w, grad_b, grad_a, grad_lb, None, None
