@@ -26,6 +26,7 @@ import torch
 from coatflux.bench.model import PRESETS, build_transformer, loss_of, make_batch
 from coatflux.core import formats
 from coatflux.core.api import apply_coat, replace_linear_with_fp8
+from coatflux.core.compiled import compile_blocks
 from coatflux.core.config import ActivationConfig, COATConfig
 from coatflux.flux.lora import find_lora_targets, inject_lora, lora_parameters
 
@@ -34,6 +35,8 @@ RECIPES = {
     "fp8-linears": "replace_linear_with_fp8 only (FP8 weights and GEMMs, activations not compressed)",
     "coat-unfused": "apply_coat with fused_nonlinear: false",
     "coat": "apply_coat (the default: fused norm/GELU kernels)",
+    "coat-compiled": "apply_coat with compile_blocks: true (one inductor graph per block)",
+    "bf16-compiled": "plain bf16 linears, blocks compiled with inductor",
 }
 
 
@@ -42,8 +45,11 @@ def _model(recipe: str) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     model = build_transformer(preset, "cpu").requires_grad_(False)
     if recipe == "fp8-linears":
         replace_linear_with_fp8(model)
+    elif recipe == "bf16-compiled":
+        compile_blocks(model)
     elif recipe != "bf16":
-        apply_coat(model, COATConfig(activation=ActivationConfig(fused_nonlinear=recipe == "coat")))
+        apply_coat(model, COATConfig(activation=ActivationConfig(fused_nonlinear=recipe == "coat",
+                                                                 compile_blocks=recipe == "coat-compiled")))
     inject_lora(model, preset.lora_rank, float(preset.lora_rank), find_lora_targets(model))
     return model, lora_parameters(model)
 
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--kernels", choices=("reference", "compiled"), default="compiled")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--recipes", nargs="+", choices=tuple(RECIPES), default=tuple(RECIPES))
     args = parser.parse_args()
     torch.set_num_threads(1)  # host overhead, not arithmetic: one thread, as a GPU step's host side
     compiled = args.kernels == "compiled"
@@ -81,9 +88,11 @@ def main() -> None:
           f"1 thread, tiny FLUX at 32 px, {args.kernels} kernels")
     with patch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "FP8 GEMMs need a CUDA GPU": expected here
-        times = {recipe: _ms_per_step(*_model(recipe), args.steps, args.repeats) for recipe in RECIPES}
+        times = {recipe: _ms_per_step(*_model(recipe), args.steps, args.repeats) for recipe in args.recipes}
+    baseline = times.get("bf16")
     for recipe, ms in times.items():
-        print(f"{recipe:13s} forward+backward {ms:6.1f} ms ({ms / times['bf16']:.2f}x bf16)  {RECIPES[recipe]}")
+        ratio = f"({ms / baseline:.2f}x bf16)" if baseline else ""
+        print(f"{recipe:13s} forward+backward {ms:6.1f} ms {ratio}  {RECIPES[recipe]}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ exception inside forward never leaves the hooks active. It is installed on the m
 (the root), not on inner blocks, so that a block wrapped by non-reentrant gradient checkpointing
 keeps checkpointing's own hooks innermost.
 
+With ``activation.compile_blocks`` the model's repeated blocks are compiled instead
+(:mod:`coatflux.core.compiled`): the same FP8 linears, traced into one graph per block, and the
+saved activations compressed by GraphModule hooks that the compiler inlines into those graphs;
+the fused non-linear modules and the eager compressor are then not installed.
+
 Fallbacks are never silent: without FP8 tensor cores the linears keep FP8 weights and FP8 saved
 inputs but multiply in the compute dtype, and :func:`apply_coat` warns once, saying what is lost.
 """
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 
 from coatflux.core.activation import ActivationCompressor, is_attention_module
+from coatflux.core.compiled import SavedTensorCompression, compile_blocks, inline_hooks_available
 from coatflux.core.config import ActivationConfig, COATConfig
 from coatflux.core.gemm import GemmPlanner, fp8_gemm_support
 from coatflux.core.linear import FP8Linear, InputCache
@@ -41,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class COATContext:
-    """What :func:`apply_coat` attached to a model: its compressor, input cache and hook handles."""
+    """What :func:`apply_coat` attached to a model: its compressor (eager) or compiled blocks, and hooks."""
 
     config: COATConfig
     compressor: ActivationCompressor | None
@@ -50,14 +56,17 @@ class COATContext:
     fused: list[str] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     attention_modules: int = 0  # modules that open the compressor's attention scope themselves
+    compression: SavedTensorCompression | None = None  # compiled blocks' inlined saved-tensor hooks
+    compiled_blocks: list[str] = field(default_factory=list)
     _stacks: list[contextlib.ExitStack] = field(default_factory=list)
     _scopes: list[contextlib.AbstractContextManager] = field(default_factory=list)
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        if self.compressor is None:
-            return
         stack = contextlib.ExitStack()
-        stack.enter_context(self.compressor(find_attention=self.attention_modules == 0))
+        if self.compressor is not None:
+            stack.enter_context(self.compressor(find_attention=self.attention_modules == 0))
+        elif self.compression is not None:
+            stack.enter_context(self.compression())
         self._stacks.append(stack)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -181,6 +190,22 @@ def apply_coat(model: nn.Module, config: COATConfig | None = None,
                       "precision (no FP8 activations, weights or GEMMs).", RuntimeWarning, stacklevel=2)
         return model
     _warn_fallback(model, device)
+    if config.activation.compile_blocks:
+        context = _apply_compiled(model, config, device)
+    else:
+        context = _apply_eager(model, config)
+    context.handles += [
+        model.register_forward_pre_hook(context.enter),
+        model.register_forward_hook(context.exit, always_call=True),
+    ]
+    model.coat_context = context
+    logger.info("COAT: %d linears converted to FP8, %d norms/activations fused, %d blocks compiled; saved "
+                "activations compressed (%s, group %d)", len(context.converted), len(context.fused),
+                len(context.compiled_blocks), config.activation.nonlinear_granularity, config.activation.group_size)
+    return model
+
+
+def _apply_eager(model: nn.Module, config: COATConfig) -> COATContext:
     cache = InputCache()
     context = COATContext(config, ActivationCompressor(config.activation, linear_inputs=cache), cache)
     context.converted = _convert_linears(model, config, cache)
@@ -189,17 +214,31 @@ def apply_coat(model: nn.Module, config: COATConfig | None = None,
             module.input_saved_by_hooks = True
     if config.activation.fused_nonlinear:
         context.fused = _fuse_nonlinear(model, config, context.compressor)
-    context.handles = [
-        model.register_forward_pre_hook(context.enter),
-        model.register_forward_hook(context.exit, always_call=True),
-    ]
     if config.activation.keep_attention_bf16:
         context.handles += _scope_attention_modules(model, context)
-    model.coat_context = context
-    logger.info("COAT: %d linears converted to FP8, %d norms/activations fused; saved activations "
-                "compressed (%s, group %d)", len(context.converted), len(context.fused),
-                config.activation.nonlinear_granularity, config.activation.group_size)
-    return model
+    return context
+
+
+def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    tensors = list(model.parameters()) + list(model.buffers())
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _apply_compiled(model: nn.Module, config: COATConfig, device: torch.device | str | None) -> COATContext:
+    available, reason = inline_hooks_available()
+    if not available:
+        raise RuntimeError(f"coat.activation.compile_blocks: {reason}. Set compile_blocks: false for eager COAT.")
+    cache = InputCache()
+    context = COATContext(config, None, cache, compression=SavedTensorCompression(config.activation))
+    context.converted = _convert_linears(model, config, cache)
+    in_graph = config.activation.fp8_gemm and fp8_gemm_support(_model_device(model, device)).available
+    for module in model.modules():
+        if isinstance(module, FP8Linear):
+            module.fp8_gemm_in_graph = in_graph
+    context.compiled_blocks = compile_blocks(model)
+    return context
 
 
 class COATTrainer:

@@ -116,7 +116,10 @@ class ActivationConfig:
     the faster (small GEMMs do not gain from FP8); ``fused_nonlinear`` swaps LayerNorm, RMSNorm and GELU modules for versions that save
     one FP8 input and recompute their output (:mod:`coatflux.core.nonlinear`);
     ``min_saved_numel`` skips tiny saved tensors (per-sample modulation vectors, norm statistics)
-    whose compression saves nothing.
+    whose compression saves nothing. ``compile_blocks`` compiles the model's repeated blocks with
+    ``torch.compile`` and compresses what each compiled block saves inside its graph
+    (:mod:`coatflux.core.compiled`); it needs per-tensor linear inputs and per-group saved
+    activations, and replaces ``fused_nonlinear`` (the compiler fuses those ops itself).
     """
 
     use_fp8: bool = True
@@ -128,6 +131,7 @@ class ActivationConfig:
     keep_attention_bf16: bool = True
     fused_nonlinear: bool = True
     min_saved_numel: int = 4096
+    compile_blocks: bool = False
 
     def __post_init__(self) -> None:
         self.validate("activation")
@@ -141,6 +145,11 @@ class ActivationConfig:
         _check_bool(self.gemm_autotune, f"{path}.gemm_autotune")
         _check_bool(self.keep_attention_bf16, f"{path}.keep_attention_bf16")
         _check_bool(self.fused_nonlinear, f"{path}.fused_nonlinear")
+        _check_bool(self.compile_blocks, f"{path}.compile_blocks")
+        if self.compile_blocks and (self.linear_granularity, self.nonlinear_granularity) != ("per_tensor", "per_group"):
+            raise ConfigError(f"{path}.compile_blocks: compiled blocks quantize linear inputs per tensor and saved "
+                              f"activations per group; got linear_granularity={self.linear_granularity!r}, "
+                              f"nonlinear_granularity={self.nonlinear_granularity!r}")
         if isinstance(self.min_saved_numel, bool) or not isinstance(self.min_saved_numel, int) \
                 or self.min_saved_numel < 0:
             raise ConfigError(f"{path}.min_saved_numel: expected an integer >= 0, got {self.min_saved_numel!r}")

@@ -22,6 +22,13 @@ Choices:
   log. The LoRA branch multiplies in the input's dtype (bf16), its fp32 weights cast per call:
   its GEMMs have rank-sized dimensions, where FP8 would save nothing and fp32 would leave the
   tensor cores idle. The LoRA scale is applied to the rank-sized tensors, never to an M x N one.
+* Inside a block compiled by :func:`coatflux.core.compiled.compile_blocks` the layer runs a
+  second, traceable forward (:class:`_TracedFP8Function`: tensors and constants only, no caches,
+  observers or timing), so that the whole block is one graph; which tensors are kept for backward
+  is then the compiler's decision, and the compiled block's saved-tensor hooks compress them. There
+  every GEMM whose shape ``torch._scaled_mm`` takes runs in FP8 (``fp8_gemm_in_graph``, set by
+  ``apply_coat`` from the device): the per-shape timing of :class:`GemmPlanner` runs real GEMMs
+  and cannot happen while a graph is traced.
 * ``range_observer`` (``None`` by default, so nothing runs) is called with every tensor the layer
   quantizes -- ``("input", x, xq)``, ``("weight", w, wq)`` for a trainable weight and
   ``("grad_output", g, gq)`` -- so :class:`coatflux.core.stats.FP8RangeMonitor` can count
@@ -41,6 +48,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from coatflux.core.config import ActivationConfig
 from coatflux.core.formats import E4M3, E5M2, QuantizedTensor, dequantize, quantize
 from coatflux.core.gemm import GemmPlanner, fp8_gemm_support, fp8_mm, shape_supported
+from coatflux.kernels.quant import tensor_scale_ops
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +155,45 @@ class _FP8LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_a, grad_lb, None, None
 
 
+class _TracedFP8Function(torch.autograd.Function):
+    """The FP8 base GEMM of :class:`FP8Linear` for a compiled block: tensors and constants only.
+
+    Forward quantizes the input (and a trainable weight) per tensor and multiplies in FP8;
+    backward quantizes the gradient to E5M2 for the input-gradient GEMM and, for a trainable
+    weight, the weight-gradient GEMM. The LoRA branch and the bias are ordinary autograd ops
+    around it (the compiler sees through them).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, weight: torch.Tensor | None, w_codes: torch.Tensor | None,
+                w_scale: torch.Tensor | None, fp8: bool) -> torch.Tensor:
+        if weight is not None:
+            w_codes, w_scale = tensor_scale_ops(weight.detach(), E4M3)
+        xq, x_scale = tensor_scale_ops(x2, E4M3)
+        ctx.fp8, ctx.weight_dtype = fp8, None if weight is None else weight.dtype
+        if weight is not None:
+            ctx.save_for_backward(w_codes, w_scale, xq, x_scale)
+        else:
+            ctx.save_for_backward(w_codes, w_scale)
+        m, n, k = x2.shape[0], w_codes.shape[0], x2.shape[1]
+        return fp8_mm(xq, x_scale, w_codes, w_scale, x2.dtype, fp8 and shape_supported(m, n, k))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w_codes, w_scale = ctx.saved_tensors[:2]
+        gq, g_scale = tensor_scale_ops(grad, E5M2)
+        (m, n), k = grad.shape, w_codes.shape[1]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = fp8_mm(gq, g_scale, w_codes.t().contiguous(), w_scale, grad.dtype,
+                            ctx.fp8 and shape_supported(m, k, n))
+        if ctx.weight_dtype is not None and ctx.needs_input_grad[1]:
+            xq, x_scale = ctx.saved_tensors[2:]
+            grad_w = fp8_mm(gq.t().contiguous(), g_scale, xq.t().contiguous(), x_scale, ctx.weight_dtype,
+                            ctx.fp8 and shape_supported(n, k, m))
+        return grad_x, grad_w, None, None, None
+
+
 def _saved_input_fp8(ctx: Any, x_saved: torch.Tensor, x_scale: torch.Tensor | None) -> QuantizedTensor:
     """The FP8 input for the weight-gradient GEMM (re-quantized if the compressor returned values)."""
     if ctx.x_meta is None:
@@ -197,6 +244,7 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_fp8", None)
         self.register_buffer("weight_scale", None)
         self._fallback_logged = False
+        self.fp8_gemm_in_graph = False  # set by apply_coat: FP8 GEMMs inside compiled blocks
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: ActivationConfig | None = None,
@@ -260,7 +308,25 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora_A: torch.Tensor | None = None,
                 lora_B: torch.Tensor | None = None, lora_scale: float = 1.0) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x, lora_A, lora_B, float(lora_scale))
         return _FP8LinearFunction.apply(x, self._parameters.get("weight"), self.bias, lora_A, lora_B, self, float(lora_scale))
+
+    def _traced_forward(self, x: torch.Tensor, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                        lora_scale: float) -> torch.Tensor:
+        """The forward traced into a compiled block (see the module docstring)."""
+        if self.config.linear_granularity != "per_tensor":
+            raise NotImplementedError("FP8Linear in a compiled block quantizes its input per tensor; "
+                                      "activation.linear_granularity per_group runs eagerly only")
+        x2 = x.reshape(-1, self.in_features)
+        y = _TracedFP8Function.apply(x2, self._parameters.get("weight"), self.weight_fp8, self.weight_scale,
+                                     self.fp8_gemm_in_graph)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if lora_A is not None:
+            h = x2 @ lora_A.to(x.dtype).t()
+            y = torch.addmm(y, h, lora_B.to(x.dtype).t(), alpha=lora_scale)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         kind = "trainable" if self._parameters.get("weight") is not None else "frozen fp8"

@@ -71,7 +71,7 @@ def available(device: torch.device | str = "cuda") -> tuple[bool, str]:
 
 def _dequantize_rows(codes: torch.Tensor, exponent: torch.Tensor, group: int) -> torch.Tensor:
     """fp32 values of (N, D) codes with (N, ceil(D / group)) exponents; exact (multiply by 2**k)."""
-    return quant._dequantize_group_fn(group, torch.float32)(codes, exponent)
+    return quant.group_pow2_values_ops(codes, exponent, group, torch.float32)
 
 
 def _affine_modulated(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -98,7 +98,7 @@ def _norm_forward_fn(fmt: FP8Format, group: int, eps: float, center: bool, out_d
         mean = xf.mean(-1, keepdim=True) if center else torch.zeros_like(xf[..., :1])
         rstd = torch.rsqrt((xf - mean).pow(2).mean(-1, keepdim=True) + eps)
         _, y = _affine_modulated((xf - mean) * rstd, weight, bias, scale, shift)
-        codes, exponent = quant._quantize_group_fn(fmt, group)(x.reshape(-1, x.shape[-1]))
+        codes, exponent = quant.group_pow2_ops(x.reshape(-1, x.shape[-1]), fmt, group)
         return y.to(out_dtype), codes, exponent, mean, rstd
 
     return fn
@@ -147,7 +147,7 @@ def _norm_recompute_fn(group: int, out_dtype: torch.dtype) -> Callable:
 
 def _gelu_forward_fn(fmt: FP8Format, group: int, approximate: str) -> Callable:
     def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        codes, exponent = quant._quantize_group_fn(fmt, group)(x)
+        codes, exponent = quant.group_pow2_ops(x, fmt, group)
         return F.gelu(x, approximate=approximate), codes, exponent
 
     return fn

@@ -52,6 +52,7 @@ tensors unless ``COATFLUX_REFERENCE_KERNELS=1``.
 from __future__ import annotations
 
 import functools
+import struct
 import types
 from collections.abc import Callable
 
@@ -128,13 +129,22 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def _fp32_bits(value: float) -> int:
+    """The bits of ``value`` as an fp32, as a signed int (what ``view(torch.int32)`` gives)."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+# fp32 bits of each format's maximum, computed once here: neither dynamo nor make_fx can trace struct
+_MAX_BITS = {fmt.max: _fp32_bits(fmt.max) for fmt in map(get_format, ("e4m3", "e5m2"))}
+
+
 def _pow2_exponent_of(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
     """Smallest ``k`` in [-127, 127] with ``amax <= fmt_max * 2**k`` (0 where ``amax`` is 0); int32.
 
     With ``amax = m * 2**e`` and ``fmt_max = f * 2**E`` (m, f in [1, 2)): ``k = e - E + (m > f)``.
     A subnormal ``amax`` has ``e = -127`` here, far below the clamp, which is all it needs.
     """
-    max_bits = int(torch.tensor(fmt_max, dtype=torch.float32).view(torch.int32))
+    max_bits = _MAX_BITS[fmt_max]  # a Python int: no tensor constant in a traced graph
     bits = amax.view(torch.int32)
     e = (bits >> 23) - 127
     above = ((bits & 0x7FFFFF) > (max_bits & 0x7FFFFF)).to(torch.int32)
@@ -188,6 +198,34 @@ def _dequantize_group_fn(group: int, dtype: torch.dtype) -> Callable[[torch.Tens
         return values[..., :width].to(dtype)
 
     return fn
+
+
+def group_pow2_ops(rows: torch.Tensor, fmt: str | FP8Format, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-group quantizer's operations, uncompiled: ``(codes, int8 exponents)`` of 2-D ``rows``.
+
+    For code that is itself being traced by ``torch.compile`` (the compiled blocks of
+    :mod:`coatflux.core.compiled`), where a nested compiled function would break the graph: the
+    enclosing graph's inductor compiles these operations along with their neighbours.
+    """
+    return _quantize_group_fn(get_format(fmt), group)(rows)
+
+
+def group_pow2_values_ops(rows: torch.Tensor, exponent: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`group_pow2_ops`, uncompiled (same use)."""
+    return _dequantize_group_fn(group, dtype)(rows, exponent)
+
+
+def tensor_scale_ops(x: torch.Tensor, fmt: str | FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-tensor quantizer's operations, uncompiled: ``(codes shaped like x, fp32 scale)``.
+
+    The format maximum is a constant here, so inductor may divide by multiplying with its
+    reciprocal (a last-bit difference from the reference, which the compiled paths' SQNR tests
+    allow); :func:`quantize_tensor` is the byte-exact entry point.
+    """
+    fmt = get_format(fmt)
+    fmt_max = torch.full((), fmt.max, dtype=torch.float32, device=x.device)
+    codes, scale = _quantize_tensor_fn(fmt)(x.reshape(-1), fmt_max)
+    return codes.reshape(x.shape), scale
 
 
 # ---------------------------------------------------------------------------------------------
