@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from coatflux.bench.configs import CONFIGS
+from coatflux.bench.configs import CONFIGS, SetupOptions
 from coatflux.bench.model import PRESETS, build_transformer, loss_of, make_batch
 
 CATEGORIES = (  # first match wins; kernel names are lower-cased
@@ -59,7 +59,7 @@ def _sync(device: torch.device) -> None:
 def profile_config(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     preset = PRESETS[args.preset]
     model = build_transformer(preset, device)
-    optimizer = CONFIGS[name].setup(model, preset.lora_rank, device.type == "cuda")
+    optimizer = CONFIGS[name].setup(model, preset.lora_rank, SetupOptions(fused_optimizer=device.type == "cuda"))
     data = make_batch(preset, args.resolution, args.batch, device)
     for _ in range(args.warmup):
         _step(model, optimizer, data)

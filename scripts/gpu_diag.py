@@ -8,7 +8,7 @@ import traceback
 
 import torch
 
-from coatflux.bench.configs import CONFIGS
+from coatflux.bench.configs import CONFIGS, SetupOptions
 from coatflux.bench.model import PRESETS, build_transformer, loss_of, make_batch
 
 
@@ -26,7 +26,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         try:
             model = build_transformer(preset, "cuda")
-            opt = CONFIGS[name].setup(model, 16, fused_optimizer=(name.startswith("coat")))
+            opt = CONFIGS[name].setup(model, 16, SetupOptions(fused_optimizer=name.startswith("coat")))
             batch = make_batch(preset, res, 1, "cuda")
             step(model, opt, batch)
             torch.cuda.synchronize()

@@ -27,9 +27,10 @@ def test_tiny_preset_end_to_end_writes_every_row(tmp_path, one_thread):
 
     js, md = tmp_path / "bench.json", tmp_path / "benchmarks.md"
     start = time.monotonic()
-    rc = main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--json", str(js), "--markdown", str(md)])
+    rc = main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--json", str(js), "--markdown", str(md),
+               "--compile-backend", "aot_eager"])  # the compiled rows' graphs, traced but not code-generated
     assert rc == 0
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 90
     result = json.loads(js.read_text())
     rows = result["rows"]
     batch1 = {(r["config"], r["resolution"]) for r in rows if r["kind"] == "batch 1"}

@@ -142,7 +142,7 @@ def test_fp8_base_gets_lora_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
             self.seen = (lora_A, lora_B, lora_scale)
             return super().forward(x)
 
-    monkeypatch.setattr(lora_mod, "_fp8_linear_class", lambda: RecordingFP8)
+    monkeypatch.setattr(lora_mod, "FP8Linear", RecordingFP8)
     base = RecordingFP8(8, 4)
     layer = LoRALinear(base, rank=2, alpha=1.0)
     layer.multiplier = 0.5

@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-steps", type=int, default=3, help="timed steps at the largest batch")
     parser.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None,
                         help="COAT configs use the fused multi-tensor FP8AdamW (default: on CUDA only)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled configs (aot_eager: trace only, for tests)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="total time budget in seconds; remaining work is skipped and the rows say so")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -94,12 +96,13 @@ def _fused_default(args: argparse.Namespace, device: torch.device) -> bool:
 
 
 def _build(name: str, plan: _Plan):  # -> (model, optimizer)
-    from coatflux.bench.configs import CONFIGS
+    from coatflux.bench.configs import CONFIGS, SetupOptions
     from coatflux.bench.model import PRESETS, build_transformer
 
     preset = PRESETS[plan.args.preset]
     model = build_transformer(preset, plan.device)
-    optimizer = CONFIGS[name].setup(model, preset.lora_rank, _fused_default(plan.args, plan.device))
+    options = SetupOptions(_fused_default(plan.args, plan.device), plan.args.compile_backend)
+    optimizer = CONFIGS[name].setup(model, preset.lora_rank, options)
     return model, optimizer
 
 

@@ -21,6 +21,15 @@ blocks) and builds an optimizer over them:
 * ``coat-unfused``: ``coat`` with ``activation.fused_nonlinear: false``. The fused norm and GELU
   kernels save memory (their outputs are recomputed, not stored) but add compiled-function calls,
   and on an H200 COAT's step was bound by host time; this row measures that trade.
+* ``coat-compiled``: ``coat`` with ``activation.compile_blocks: true``: every double and single
+  block one ``torch.compile`` graph, FP8 GEMMs and the FP8 compression of saved activations
+  inside it (:mod:`coatflux.core.compiled`).
+* ``bf16-compiled``: the bf16 baseline with the same blocks compiled, so that the compiler's own
+  share of the speed-up is visible next to COAT's.
+
+Compiled rows spend their first (warm-up) step compiling; ``--compile-backend`` picks the
+``torch.compile`` backend (``inductor``; the CPU tests use ``aot_eager``, which traces the same
+graphs without generating code).
 
 Why functions over a fresh model rather than toggles on one model: every recipe converts modules
 in place, so each configuration gets its own model, built again from the preset.
@@ -74,6 +83,14 @@ class FP8StorageLinear(nn.Module):
         return _UpcastLinear.apply(x, self.weight_fp8, self.weight_scale, self.bias)
 
 
+@dataclass(frozen=True)
+class SetupOptions:
+    """Choices that apply to every recipe: the fused FP8AdamW, and the backend of compiled blocks."""
+
+    fused_optimizer: bool = False
+    compile_backend: str = "inductor"
+
+
 def _adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=LR, fused=fused or None)
@@ -95,11 +112,18 @@ def _swap_frozen_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module
     return count
 
 
-def prepare_bf16(model: nn.Module, rank: int, fused_optimizer: bool = False) -> torch.optim.Optimizer:
+def prepare_bf16(model: nn.Module, rank: int, options: SetupOptions) -> torch.optim.Optimizer:
     return _adamw(_add_lora(model, rank))
 
 
-def prepare_fp8_storage(model: nn.Module, rank: int, fused_optimizer: bool = False) -> torch.optim.Optimizer:
+def prepare_bf16_compiled(model: nn.Module, rank: int, options: SetupOptions) -> torch.optim.Optimizer:
+    from coatflux.core.compiled import compile_blocks
+
+    compile_blocks(model, backend=options.compile_backend)
+    return _adamw(_add_lora(model, rank))
+
+
+def prepare_fp8_storage(model: nn.Module, rank: int, options: SetupOptions) -> torch.optim.Optimizer:
     params = _add_lora(model, rank)
     _swap_frozen_linears(model, FP8StorageLinear)
     return _adamw(params)
@@ -110,7 +134,7 @@ def _torchao_filter(module: nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def prepare_torchao(model: nn.Module, rank: int, fused_optimizer: bool = False) -> torch.optim.Optimizer:
+def prepare_torchao(model: nn.Module, rank: int, options: SetupOptions) -> torch.optim.Optimizer:
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     model.requires_grad_(False)
@@ -119,27 +143,31 @@ def prepare_torchao(model: nn.Module, rank: int, fused_optimizer: bool = False) 
     return _adamw(_add_lora(model, rank))
 
 
-def _prepare_coat(model: nn.Module, rank: int, fused_optimizer: bool, fused_nonlinear: bool) -> torch.optim.Optimizer:
-    from coatflux.core.api import COATTrainer
+def _prepare_coat(model: nn.Module, rank: int, options: SetupOptions, **activation: bool) -> torch.optim.Optimizer:
+    from coatflux.core.api import COATTrainer, apply_coat
     from coatflux.core.config import ActivationConfig, COATConfig
 
     model.requires_grad_(False)
-    trainer = COATTrainer(COATConfig(activation=ActivationConfig(fused_nonlinear=fused_nonlinear)))
-    trainer.prepare_model(model)
+    trainer = COATTrainer(COATConfig(activation=ActivationConfig(**activation)))
+    apply_coat(model, trainer.config, compile_options={"backend": options.compile_backend})
     params = _add_lora(model, rank)
-    if fused_optimizer:
+    if options.fused_optimizer:
         from coatflux.kernels.adamw import FusedFP8AdamW
 
         return FusedFP8AdamW(params, lr=LR, fp8_config=trainer.config.optimizer)
     return trainer.create_optimizer(params, lr=LR)
 
 
-def prepare_coat(model: nn.Module, rank: int, fused_optimizer: bool = False) -> torch.optim.Optimizer:
-    return _prepare_coat(model, rank, fused_optimizer, fused_nonlinear=True)
+def prepare_coat(model: nn.Module, rank: int, options: SetupOptions) -> torch.optim.Optimizer:
+    return _prepare_coat(model, rank, options)
 
 
-def prepare_coat_unfused(model: nn.Module, rank: int, fused_optimizer: bool = False) -> torch.optim.Optimizer:
-    return _prepare_coat(model, rank, fused_optimizer, fused_nonlinear=False)
+def prepare_coat_unfused(model: nn.Module, rank: int, options: SetupOptions) -> torch.optim.Optimizer:
+    return _prepare_coat(model, rank, options, fused_nonlinear=False)
+
+
+def prepare_coat_compiled(model: nn.Module, rank: int, options: SetupOptions) -> torch.optim.Optimizer:
+    return _prepare_coat(model, rank, options, compile_blocks=True)
 
 
 def _torchao_missing() -> str | None:
@@ -156,9 +184,9 @@ class BenchConfig:
     checkpointing: bool = False
     unavailable: Callable[[], str | None] = lambda: None
 
-    def setup(self, model: nn.Module, rank: int, fused_optimizer: bool = False) -> torch.optim.Optimizer:
+    def setup(self, model: nn.Module, rank: int, options: SetupOptions | None = None) -> torch.optim.Optimizer:
         """Convert ``model`` in place for this recipe and return its optimizer."""
-        optimizer = self.prepare(model, rank, fused_optimizer)
+        optimizer = self.prepare(model, rank, options or SetupOptions())
         if self.checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
@@ -175,4 +203,7 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
     BenchConfig("coat+ckpt", "COAT with gradient checkpointing per block", prepare_coat, checkpointing=True),
     BenchConfig("coat-unfused", "COAT without the fused norm/GELU kernels (fewer host calls, more saved bytes)",
                 prepare_coat_unfused),
+    BenchConfig("coat-compiled", "COAT with each block one torch.compile graph (compile_blocks)",
+                prepare_coat_compiled),
+    BenchConfig("bf16-compiled", "bf16 with each block one torch.compile graph", prepare_bf16_compiled),
 )}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,11 +140,15 @@ def _scope_attention_modules(model: nn.Module, context: COATContext) -> list[Any
     return handles
 
 
+def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    tensors = list(model.parameters()) + list(model.buffers())
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
 def _warn_fallback(model: nn.Module, device: torch.device | str | None) -> None:
-    if device is None:
-        tensors = list(model.parameters()) + list(model.buffers())
-        device = tensors[0].device if tensors else torch.device("cpu")
-    support = fp8_gemm_support(device)
+    support = fp8_gemm_support(_model_device(model, device))
     if not support.available:
         warnings.warn(
             f"COAT: {support.reason}. Linears keep FP8 weights and FP8 saved activations (the memory "
@@ -172,13 +176,16 @@ def replace_linear_with_fp8(model: nn.Module, config: COATConfig | ActivationCon
 
 
 def apply_coat(model: nn.Module, config: COATConfig | None = None,
-               device: torch.device | str | None = None) -> nn.Module:
+               device: torch.device | str | None = None,
+               compile_options: Mapping[str, Any] | None = None) -> nn.Module:
     """Apply COAT to ``model`` in place: FP8 linears plus FP8 compression of saved activations.
 
     With ``config.enabled`` false, or ``config.activation.use_fp8`` false, the model is returned
     unchanged. Calling it twice on the same model is an error (the second call would re-quantize
     already-quantized weights). ``device`` is where the model will run (default: where its
-    weights are now), for the one warning about missing FP8 tensor cores.
+    weights are now), for the one warning about missing FP8 tensor cores and, with
+    ``compile_blocks``, whether compiled blocks use FP8 GEMMs. ``compile_options`` go to
+    ``torch.compile`` for those blocks (``backend``, ``mode``, ...).
     """
     config = config or COATConfig()
     if getattr(model, "coat_context", None) is not None:
@@ -191,7 +198,7 @@ def apply_coat(model: nn.Module, config: COATConfig | None = None,
         return model
     _warn_fallback(model, device)
     if config.activation.compile_blocks:
-        context = _apply_compiled(model, config, device)
+        context = _apply_compiled(model, config, device, compile_options or {})
     else:
         context = _apply_eager(model, config)
     context.handles += [
@@ -219,14 +226,8 @@ def _apply_eager(model: nn.Module, config: COATConfig) -> COATContext:
     return context
 
 
-def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    tensors = list(model.parameters()) + list(model.buffers())
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
-def _apply_compiled(model: nn.Module, config: COATConfig, device: torch.device | str | None) -> COATContext:
+def _apply_compiled(model: nn.Module, config: COATConfig, device: torch.device | str | None,
+                    compile_options: Mapping[str, Any]) -> COATContext:
     available, reason = inline_hooks_available()
     if not available:
         raise RuntimeError(f"coat.activation.compile_blocks: {reason}. Set compile_blocks: false for eager COAT.")
@@ -237,7 +238,7 @@ def _apply_compiled(model: nn.Module, config: COATConfig, device: torch.device |
     for module in model.modules():
         if isinstance(module, FP8Linear):
             module.fp8_gemm_in_graph = in_graph
-    context.compiled_blocks = compile_blocks(model)
+    context.compiled_blocks = compile_blocks(model, **compile_options)
     return context
 
 

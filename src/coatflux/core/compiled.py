@@ -67,7 +67,7 @@ from coatflux.core.formats import E4M3, quantize
 _GEMM_NAMES = ("aten.mm", "aten.addmm", "aten.bmm", "aten._scaled_mm", "aten.convolution", "aten.linear")
 _VIEW_NAMES = ("aten.view", "aten._unsafe_view", "aten.reshape", "aten.permute", "aten.transpose", "aten.t.",
                "aten.unsqueeze", "aten.squeeze", "aten.expand", "aten.clone", "aten.slice", "aten.select",
-               "aten.alias", "aten.contiguous")
+               "aten.alias", "aten.detach", "aten.contiguous")
 FEED_DEPTH = 8  # element-wise steps from a saved tensor to attention (RMSNorm and rotary embedding)
 
 

@@ -34,7 +34,6 @@ Choices:
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -47,24 +46,14 @@ import torch
 from torch import nn
 
 from coatflux.atomic import atomic_write
+from coatflux.core.linear import FP8Linear
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 KEY_PREFIX = "transformer."
 
 
-@functools.cache
-def _fp8_linear_class() -> type | None:
-    """coatflux's FP8Linear if importable (it may not exist yet, or need a GPU stack); else None."""
-    try:
-        from coatflux.core.linear import FP8Linear
-    except ImportError:
-        return None
-    return FP8Linear
-
-
 def _is_linear(module: nn.Module) -> bool:
-    fp8 = _fp8_linear_class()
-    return isinstance(module, nn.Linear) or (fp8 is not None and isinstance(module, fp8))
+    return isinstance(module, nn.Linear | FP8Linear)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -109,8 +98,7 @@ class LoRALinear(nn.Module):
         if not self.enabled or self.multiplier == 0:
             return self.base(x)
         scale = self.scale * self.multiplier
-        fp8 = _fp8_linear_class()
-        if fp8 is not None and isinstance(self.base, fp8):
+        if isinstance(self.base, FP8Linear):
             # One saved FP8 copy of x serves the base GEMM and both LoRA GEMMs in backward.
             return self.base(x, self.lora_A.weight, self.lora_B.weight, scale)
         out = self.base(x)

@@ -1,0 +1,269 @@
+"""Compiled COAT (``activation.compile_blocks``): the FP8 pack/unpack hooks, the traced FP8 linear,
+and the tiny FLUX with its blocks compiled, against eager COAT and the plain-PyTorch references.
+
+Most tests compile with ``backend="aot_eager"``: AOTAutograd traces, partitions and inlines the
+hooks exactly as for inductor, without generating code (seconds instead of a minute on 2 cores).
+The inductor tests compare the generated code with the same graph run eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coatflux.bench.model import PRESETS, build_transformer, loss_of, make_batch
+from coatflux.core import compiled as compiled_mod
+from coatflux.core.api import apply_coat
+from coatflux.core.compiled import SavedTensorCompression, compile_blocks, pack, unpack
+from coatflux.core.config import ActivationConfig, COATConfig, ConfigError
+from coatflux.core.formats import E4M3, dequantize_reference, quantize_reference, sqnr_db
+from coatflux.core.linear import FP8Linear
+from coatflux.flux.lora import find_lora_targets, inject_lora, lora_parameters
+
+GROUP = 16
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _saved_by_compiled_graphs(root: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors every compiled graph under ``root``'s autograd graph keeps for backward (as stored)."""
+    seen, stack, saved = set(), [root.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in type(node).__name__:
+            saved.extend(node.saved_tensors)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return saved
+
+
+# --- pack / unpack ---------------------------------------------------------------------------
+
+
+def test_eager_pack_is_the_reference_group_quantization():
+    x = (torch.randn(6, 64, dtype=torch.bfloat16) * 3).requires_grad_()
+    h = x * 1.5  # an activation: it has autograd history
+    codes, exponent, marker = pack(h, group=GROUP, min_numel=0, keep_attention=True)
+    ref = quantize_reference(h.detach(), E4M3, "group", GROUP, pow2_scales=True)
+    assert torch.equal(codes.view(torch.uint8), ref.data.view(torch.uint8))
+    assert torch.equal(exponent, ref.scale) and marker.dtype == torch.bfloat16 and marker.numel() == 0
+    restored = unpack((codes, exponent, marker), group=GROUP)
+    assert torch.equal(restored, dequantize_reference(ref))
+
+
+@pytest.mark.parametrize("case", ["parameter", "constant", "fp8", "ragged", "small"])
+def test_eager_pack_keeps_what_is_not_an_activation(case):
+    base = torch.randn(4, 64, requires_grad=True)
+    t = {"parameter": nn.Parameter(torch.randn(4, 64)),
+         "constant": torch.randn(4, 64),
+         "fp8": torch.randn(4, 64).to(torch.float8_e4m3fn),
+         "ragged": (base[:, :40] * 2),  # last dim not a multiple of the group: row statistics and the like
+         "small": base * 2}[case]
+    packed = pack(t, group=GROUP, min_numel=1024 if case == "small" else 0, keep_attention=True)
+    assert len(packed) == 1 and packed[0] is t
+    assert unpack(packed, group=GROUP) is t
+
+
+def _mlp(x, w1, w2):
+    h = F.layer_norm(x, x.shape[-1:])
+    return x + F.gelu(h @ w1.t(), approximate="tanh") @ w2.t()
+
+
+def _mlp_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 64, dtype=torch.bfloat16, requires_grad=True)
+    w1 = (torch.randn(128, 64, dtype=torch.bfloat16) / 8).requires_grad_()
+    w2 = (torch.randn(64, 128, dtype=torch.bfloat16) / 8).requires_grad_()
+    return x, w1, w2
+
+
+def _mlp_grads(fn, hooks: SavedTensorCompression | None):
+    inputs = _mlp_inputs()
+    with hooks() if hooks is not None else contextlib.nullcontext():
+        out = fn(*inputs)
+    saved = _saved_by_compiled_graphs(out)
+    out.float().square().sum().backward()
+    return [t.grad for t in inputs], saved
+
+
+def test_inlined_hooks_store_fp8_and_cost_what_the_eager_hooks_cost():
+    """Inlined into the graph, the hooks store FP8 codes; the gradients lose no more than eagerly."""
+    hooks = SavedTensorCompression(ActivationConfig(min_saved_numel=0))
+    plain, _ = _mlp_grads(_mlp, None)
+    eager, _ = _mlp_grads(_mlp, hooks)
+    compiled, saved = _mlp_grads(torch.compile(_mlp, backend="aot_eager", fullgraph=True), hooks)
+    assert any(t.dtype == torch.float8_e4m3fn for t in saved), [t.dtype for t in saved]
+    assert not any(t.dtype == torch.bfloat16 and t.numel() == 48 * 128 for t in saved)  # the GELU input
+    for p, e, c in zip(plain, eager, compiled, strict=True):
+        # the partitioner stores other tensors than eager autograd does, so the errors differ
+        assert sqnr_db(p, c) > min(sqnr_db(p, e) - 3, 25)
+
+
+def test_inductor_code_matches_the_traced_graph_with_hooks():
+    """The fast path (inductor's generated code) against its reference (the same graph, op by op)."""
+    hooks = SavedTensorCompression(ActivationConfig(min_saved_numel=0))
+    traced, _ = _mlp_grads(torch.compile(_mlp, backend="aot_eager", fullgraph=True), hooks)
+    torch._dynamo.reset()
+    generated, saved = _mlp_grads(torch.compile(_mlp, backend="inductor", fullgraph=True), hooks)
+    assert any(t.dtype == torch.float8_e4m3fn for t in saved)
+    for t, g in zip(traced, generated, strict=True):
+        assert sqnr_db(t, g) > 40
+
+
+def test_attention_tensors_stay_bf16_in_a_compiled_block():
+    torch.manual_seed(0)
+    q_proj = (torch.randn(64, 64, dtype=torch.bfloat16) / 8).requires_grad_()
+
+    def attention_block(x):
+        q = (x @ q_proj.t()).unflatten(-1, (4, 16)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, q * 0.5, q).transpose(1, 2).flatten(-2)
+        return F.gelu(out @ q_proj, approximate="tanh")  # the GELU input is not attention's
+
+    x = torch.randn(1, 32, 64, dtype=torch.bfloat16, requires_grad=True)
+    with SavedTensorCompression(ActivationConfig(min_saved_numel=0))():
+        out = torch.compile(attention_block, backend="aot_eager", fullgraph=True)(x)
+    saved = _saved_by_compiled_graphs(out)
+    four_d = [t for t in saved if t.dim() == 4]
+    assert four_d and all(t.dtype != torch.float8_e4m3fn for t in four_d)  # q, k, v, output, lse
+    assert any(t.dtype == torch.float8_e4m3fn for t in saved)  # the GELU input is compressed
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+# --- the traced FP8 linear --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("trainable", "scaled_mm", "backend"), [
+    (False, False, "aot_eager"), (False, True, "aot_eager"), (True, False, "aot_eager"), (True, True, "aot_eager"),
+    (False, True, "inductor"), (True, False, "inductor")])
+def test_traced_fp8_linear_matches_eager(trainable, scaled_mm, backend):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, dtype=torch.bfloat16).requires_grad_(trainable)
+    layer = FP8Linear.from_linear(linear)
+    layer.fp8_gemm_in_graph = scaled_mm  # torch._scaled_mm runs on CPU too
+    a = (torch.randn(8, 64) / 8).requires_grad_()
+    b = (torch.randn(48, 8) / 8).requires_grad_()
+    x = torch.randn(3, 10, 64, dtype=torch.bfloat16, requires_grad=True)
+
+    def run(fn):
+        y = fn(x, a, b, 0.5)
+        y.float().square().sum().backward()
+        params = [x, a, b] + ([layer.weight] if trainable else [])
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return [y.detach(), *grads]
+
+    eager = run(layer)
+    traced = run(torch.compile(layer, backend=backend, fullgraph=True))
+    for e, t in zip(eager, traced, strict=True):
+        assert e.shape == t.shape and sqnr_db(e, t) > 30
+
+
+# --- the tiny FLUX, blocks compiled -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_transformer(PRESETS["tiny"], "cpu").requires_grad_(False)
+
+
+def _tiny(base, coat: COATConfig | None, backend: str = "aot_eager", checkpointing: bool = False):
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "FP8 GEMMs need a CUDA GPU"
+        if coat is not None:
+            apply_coat(model, coat, compile_options={"backend": backend})
+    torch.manual_seed(1)
+    inject_lora(model, 16, 16.0, find_lora_targets(model))
+    params = lora_parameters(model)
+    for p in params:
+        nn.init.normal_(p, std=0.05)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.train(), params
+
+
+def _step(model, params, data):
+    loss = loss_of(model, data)
+    saved = _saved_by_compiled_graphs(loss)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in params])
+    for p in params:
+        p.grad = None
+    return loss.detach(), grads, saved
+
+
+COMPILED = COATConfig(activation=ActivationConfig(compile_blocks=True))
+
+
+def test_compiled_blocks_train_like_eager_coat_with_and_without_checkpointing(tiny_base):
+    """One compiled tiny FLUX: its loss and gradients against eager COAT, what it stores, and checkpointing.
+
+    ``min_saved_numel`` is 0 because at the tiny model's sizes every activation is below the default.
+    """
+    data = make_batch(PRESETS["tiny"], 64, 1, "cpu")
+    activation = {"min_saved_numel": 0}
+    eager = _step(*_tiny(tiny_base, COATConfig(activation=ActivationConfig(**activation))), data)
+    model, params = _tiny(tiny_base, COATConfig(activation=ActivationConfig(compile_blocks=True, **activation)))
+    assert model.coat_context.compiled_blocks == [f"transformer_blocks.{i}" for i in range(2)] + \
+        [f"single_transformer_blocks.{i}" for i in range(2)]
+    assert model.coat_context.compressor is None and not model.coat_context.fused
+    _step(model, params, data)
+    loss, grads, saved = _step(model, params, data)  # the second step reuses the graphs
+    assert sqnr_db(eager[0], loss) > 40 and sqnr_db(eager[1], grads) > 25
+
+    fp8 = sum(t.numel() for t in saved if t.dtype == torch.float8_e4m3fn)
+    wide = sum(t.numel() * t.element_size() for t in saved if t.dtype in (torch.bfloat16, torch.float32))
+    assert fp8 > 4 * wide  # the blocks keep FP8, but for attention's tensors:
+    attention = [t for t in saved if t.dim() == 4 and t.shape[1] == 4]  # (batch, heads, tokens, head dim)
+    assert len(attention) >= 4 * 4 and all(t.dtype == torch.bfloat16 for t in attention)
+
+    model.enable_gradient_checkpointing()
+    checkpointed = _step(model, params, data)
+    assert torch.equal(loss, checkpointed[0])
+    assert sqnr_db(grads, checkpointed[1]) > 20  # recomputed exactly instead of stored in FP8
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_compile_blocks_needs_per_tensor_linears_and_per_group_activations():
+    with pytest.raises(ConfigError, match=r"coat\.activation\.compile_blocks.*linear_granularity='per_group'"):
+        COATConfig.from_dict({"activation": {"compile_blocks": True, "linear_granularity": "per_group"}})
+    with pytest.raises(ConfigError, match=r"coat\.activation\.compile_blocks: expected"):
+        COATConfig.from_dict({"activation": {"compile_blocks": "yes"}})
+
+
+def test_compile_blocks_names_what_it_cannot_find():
+    with pytest.raises(ValueError, match="lists no _repeated_blocks"):
+        compile_blocks(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="no module of class Block"):
+        compile_blocks(nn.Sequential(nn.Linear(4, 4)), ["Block"])
+
+
+def test_apply_coat_refuses_a_torch_that_cannot_inline_hooks(monkeypatch, tiny_base):
+    monkeypatch.setattr("coatflux.core.api.inline_hooks_available", lambda: (False, "torch 2.0 is too old"))
+    model = copy.deepcopy(tiny_base)
+    with pytest.raises(RuntimeError, match="compile_blocks: torch 2.0 is too old.*compile_blocks: false"):
+        apply_coat(model, COMPILED)
+    assert getattr(model, "coat_context", None) is None
+
+
+def test_this_torch_inlines_hooks():
+    assert compiled_mod.inline_hooks_available() == (True, "")
