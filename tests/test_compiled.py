@@ -260,7 +260,7 @@ def test_compile_blocks_names_what_it_cannot_find():
 def test_apply_coat_refuses_a_torch_that_cannot_inline_hooks(monkeypatch, tiny_base):
     monkeypatch.setattr("coatflux.core.api.inline_hooks_available", lambda: (False, "torch 2.0 is too old"))
     model = copy.deepcopy(tiny_base)
-    with pytest.raises(RuntimeError, match="compile_blocks: torch 2.0 is too old.*compile_blocks: false"):
+    with pytest.raises(RuntimeError, match=r"compile_blocks: torch 2\.0 is too old.*compile_blocks: false"):
         apply_coat(model, COMPILED)
     assert getattr(model, "coat_context", None) is None
 
