@@ -226,3 +226,31 @@ def test_training_runs_without_cudnn_attention_unless_asked(tmp_path: Path, tiny
     train(load_job(tmp_path, job_dict(tiny_flux_dir, tmp_path, model=model)))
     assert seen == [allow and before]
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+@pytest.mark.parametrize("coat", [True, False])
+def test_ai_toolkit_block_compile_compiles_the_blocks(tmp_path: Path, tiny_flux_dir: Path, monkeypatch,
+                                                      coat: bool) -> None:
+    """``model.compile`` + ``block_compile``: COAT's compiled blocks, or plain per-block compile without COAT.
+
+    Traced with the aot_eager backend (no code generation) to keep the test short; the options
+    from the YAML reach ``torch.compile``.
+    """
+    from coatflux.core import api, compiled
+
+    calls, compile_blocks = [], compiled.compile_blocks
+
+    def spy(model, block_classes=None, **options):
+        calls.append(options)
+        return compile_blocks(model, block_classes, **{**options, "backend": "aot_eager"})
+
+    monkeypatch.setattr(api if coat else compiled, "compile_blocks", spy)
+    model = {"name_or_path": str(tiny_flux_dir), "is_flux": True, "compile": True, "block_compile": True,
+             "compile_dynamic": False}
+    job = job_dict(tiny_flux_dir, tmp_path, model=model, coat={"enabled": coat},
+                   train={"batch_size": 2, "steps": 2, "lr": 1e-3, "dtype": "bf16", "disable_sampling": True,
+                          "optimizer": "coat_fp8_adamw" if coat else "adamw", "gradient_checkpointing": False})
+    result = run_job(tmp_path, job)
+    assert calls == [{"mode": "default", "dynamic": False, "fullgraph": False}]
+    assert result.steps == 2 and result.lora_path.is_file()
+    assert all(torch.isfinite(t).all() for t in read_lora(result.lora_path)[0].values())

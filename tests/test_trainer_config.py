@@ -352,6 +352,8 @@ def test_single_file_checkpoint(tmp_path: Path, folder: Path) -> None:
     ("network", "linear", 0, "an integer >= 1"),
     ("model", "is_flux", False, "FLUX.1 only"),
     ("model", "arch", "sdxl", "flux"),
+    ("model", "compile_mode", "turbo", "reduce-overhead"),
+    ("model", "block_compile", "yes", "true or false"),
     ("sample", "format", "gif", "jpg"),
 ])
 def test_section_value_errors(tmp_path: Path, folder: Path, section: str, key: str, value: Any,

@@ -230,7 +230,7 @@ TRAIN_IGNORED = ("unet_lr", "text_encoder_lr", "force_first_sample", "linear_tim
                  "diff_output_preservation_multiplier", "blank_prompt_preservation", "attention_backend",
                  "xformers", "sdp", "start_step", "validation_config", "weight_jitter", "content_or_style")
 MODEL_IGNORED = ("qtype_te", "quantize_kwargs", "assistant_lora_path", "attn_masking", "split_model_over_gpus",
-                 "compile", "block_compile", "compile_mode", "layer_offloading",
+                 "cache_size_limit", "layer_offloading",
                  "layer_offloading_transformer_percent", "layer_offloading_text_encoder_percent",
                  "text_encoder_bits", "model_kwargs", "quantize_te", "low_vram", "vae_path", "lora_path")
 # FLUX.1-dev is guidance-distilled: sampling has no negative-prompt pass, so ``neg`` does nothing.
@@ -364,6 +364,14 @@ class ModelConfig:
     dtype: str = _spec("float16", _dtype)
     # coatflux's own key: keep PyTorch's cuDNN attention backend (off by default, see coatflux.flux.attention)
     cudnn_attention: bool = _spec(False, _bool)
+    # ai-toolkit's torch.compile keys: ``compile`` turns it on, ``block_compile`` per transformer block
+    # (with COAT always per block: coat.activation.compile_blocks); the rest go to torch.compile.
+    compile: bool = _spec(False, _bool)
+    block_compile: bool = _spec(False, _bool)
+    compile_mode: str = _spec("default", _choice("default", "reduce-overhead", "max-autotune",
+                                                 "max-autotune-no-cudagraphs"))
+    compile_dynamic: bool = _spec(True, _bool)
+    compile_fullgraph: bool = _spec(False, _bool)
 
     @property
     def is_single_file(self) -> bool:

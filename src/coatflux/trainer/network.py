@@ -24,6 +24,7 @@ come out of a fine-tune unchanged where they were not trained.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +47,8 @@ from coatflux.trainer.config import TrainJobConfig
 
 BLOCKS = ("transformer_blocks", "single_transformer_blocks")
 
+logger = logging.getLogger(__name__)
+
 
 class TrainedNetwork(Protocol):
     """What the loop asks of whatever it trains."""
@@ -61,14 +64,44 @@ class TrainedNetwork(Protocol):
     def save_final(self, output_dir: Path, name: str, dtype: torch.dtype, metadata: dict[str, str]) -> Path: ...
 
 
+def _compile_options(cfg: TrainJobConfig) -> dict[str, object]:
+    model = cfg.model
+    return {"mode": model.compile_mode, "dynamic": model.compile_dynamic, "fullgraph": model.compile_fullgraph}
+
+
 def _convert_to_fp8(transformer: nn.Module, cfg: TrainJobConfig, device: torch.device) -> None:
-    """COAT (FP8 linears + compressed activations), or FP8 weights alone with ``model.quantize``."""
+    """COAT (FP8 linears + compressed activations), or FP8 weights alone with ``model.quantize``.
+
+    ``model.compile`` with COAT compiles per block whatever ``block_compile`` says: a whole-model
+    graph would have to trace COAT's own forward hooks (see :mod:`coatflux.core.compiled`).
+    """
     from coatflux.core.api import apply_coat, replace_linear_with_fp8
 
     if cfg.coat.enabled and cfg.coat.activation.use_fp8:
-        apply_coat(transformer, replace(cfg.coat, include=BLOCKS), device=device)
-    elif cfg.model.quantize:
+        coat = replace(cfg.coat, include=BLOCKS)
+        if cfg.model.compile:
+            if not cfg.model.block_compile:
+                logger.info("model.compile with COAT: compiling each transformer block (coat.activation."
+                            "compile_blocks), not the whole model")
+            coat = replace(coat, activation=replace(coat.activation, compile_blocks=True))
+        apply_coat(transformer, coat, device=device, compile_options=_compile_options(cfg))
+        return
+    if cfg.model.quantize:
         replace_linear_with_fp8(transformer, replace(cfg.coat, enabled=True, include=BLOCKS), device=device)
+    if cfg.model.compile:
+        _compile_plain(transformer, cfg)
+
+
+def _compile_plain(transformer: nn.Module, cfg: TrainJobConfig) -> None:
+    """ai-toolkit's ``compile`` without COAT: per block with ``block_compile``, else the whole model."""
+    from coatflux.core.compiled import compile_blocks
+
+    if cfg.model.block_compile:
+        names = compile_blocks(transformer, **_compile_options(cfg))
+        logger.info("model.block_compile: %d transformer blocks compiled", len(names))
+    else:
+        transformer.compile(**_compile_options(cfg))
+        logger.info("model.compile: the whole transformer compiled")
 
 
 def _move_small_parts(transformer: nn.Module, device: torch.device) -> None:
