@@ -309,6 +309,12 @@ def test_process_class_rejects_bad_coat_block_with_its_path(patched_training_mod
         cls(0, None, {"coat": {"optimizr": {}}})
 
 
+def test_process_class_refuses_compiled_blocks_with_the_key(patched_training_module) -> None:
+    cls = processes.make_coat_process_class(FakeSDTrainer, "COATSDTrainer")
+    with pytest.raises(ConfigError, match=r"config\.process\[0\]\.coat\.activation\.compile_blocks: not supported"):
+        cls(0, None, {"coat": {"activation": {"compile_blocks": True}}})
+
+
 def test_compose_keeps_lora_output_and_gradients() -> None:
     transformer = _transformer()
     network = FakeNetwork(transformer)

@@ -183,6 +183,13 @@ class COATProcessMixin:
     def __init__(self, process_id: int, job: Any, config: Mapping[str, Any], **kwargs: Any) -> None:
         super().__init__(process_id, job, config, **kwargs)
         self.coat_config = read_coat_config(config, process_id)
+        if self.coat_config.activation.compile_blocks:
+            from coatflux.core.config import ConfigError
+
+            # ai-toolkit's LoRA replaces each base linear's forward on the instance, and its
+            # block_compile wraps the blocks itself; neither is traced or tested with COAT's graphs.
+            raise ConfigError(f"config.process[{process_id}].coat.activation.compile_blocks: not supported "
+                              "inside ai-toolkit; run the same config with `coatflux train` for compiled blocks")
         self.coat_fp8_bases: list[nn.Module] = []
         install_optimizer_factory()
         say(f"{type(self).__name__}: coat.enabled={self.coat_config.enabled}, "
