@@ -27,6 +27,7 @@ from coatflux.core.linear import FP8Linear
 from coatflux.flux.lora import find_lora_targets, inject_lora, lora_parameters
 
 GROUP = 16
+CUDA_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
 @pytest.fixture(autouse=True)
@@ -82,16 +83,16 @@ def _mlp(x, w1, w2):
     return x + F.gelu(h @ w1.t(), approximate="tanh") @ w2.t()
 
 
-def _mlp_inputs():
+def _mlp_inputs(device: str = "cpu"):
     torch.manual_seed(0)
-    x = torch.randn(2, 24, 64, dtype=torch.bfloat16, requires_grad=True)
-    w1 = (torch.randn(128, 64, dtype=torch.bfloat16) / 8).requires_grad_()
-    w2 = (torch.randn(64, 128, dtype=torch.bfloat16) / 8).requires_grad_()
+    x = torch.randn(2, 24, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w1 = (torch.randn(128, 64, dtype=torch.bfloat16, device=device) / 8).requires_grad_()
+    w2 = (torch.randn(64, 128, dtype=torch.bfloat16, device=device) / 8).requires_grad_()
     return x, w1, w2
 
 
-def _mlp_grads(fn, hooks: SavedTensorCompression | None):
-    inputs = _mlp_inputs()
+def _mlp_grads(fn, hooks: SavedTensorCompression | None, device: str = "cpu"):
+    inputs = _mlp_inputs(device)
     with hooks() if hooks is not None else contextlib.nullcontext():
         out = fn(*inputs)
     saved = _saved_by_compiled_graphs(out)
@@ -150,13 +151,37 @@ def test_attention_tensors_stay_bf16_in_a_compiled_block():
     (False, False, "aot_eager"), (False, True, "aot_eager"), (True, False, "aot_eager"), (True, True, "aot_eager"),
     (False, True, "inductor"), (True, False, "inductor")])
 def test_traced_fp8_linear_matches_eager(trainable, scaled_mm, backend):
+    _traced_against_eager(trainable, scaled_mm, backend, "cpu")  # torch._scaled_mm runs on CPU too
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
+@pytest.mark.parametrize("trainable", [False, True])
+def test_traced_fp8_linear_matches_eager_on_gpu(trainable):
+    """Inductor's Triton quantization and torch._scaled_mm in the graph against the eager layer."""
+    _traced_against_eager(trainable, True, "inductor", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
+def test_inductor_hooks_on_gpu_match_the_traced_graph():
+    hooks = SavedTensorCompression(ActivationConfig(min_saved_numel=0))
+    traced, _ = _mlp_grads(torch.compile(_mlp, backend="aot_eager", fullgraph=True), hooks, "cuda")
+    torch._dynamo.reset()
+    generated, saved = _mlp_grads(torch.compile(_mlp, backend="inductor", fullgraph=True), hooks, "cuda")
+    assert any(t.dtype == torch.float8_e4m3fn for t in saved)
+    for t, g in zip(traced, generated, strict=True):
+        assert sqnr_db(t, g) > 40
+
+
+def _traced_against_eager(trainable: bool, scaled_mm: bool, backend: str, device: str) -> None:
     torch.manual_seed(0)
-    linear = nn.Linear(64, 48, dtype=torch.bfloat16).requires_grad_(trainable)
+    linear = nn.Linear(64, 48, dtype=torch.bfloat16, device=device).requires_grad_(trainable)
     layer = FP8Linear.from_linear(linear)
-    layer.fp8_gemm_in_graph = scaled_mm  # torch._scaled_mm runs on CPU too
-    a = (torch.randn(8, 64) / 8).requires_grad_()
-    b = (torch.randn(48, 8) / 8).requires_grad_()
-    x = torch.randn(3, 10, 64, dtype=torch.bfloat16, requires_grad=True)
+    layer.fp8_gemm_in_graph = scaled_mm
+    a = (torch.randn(8, 64, device=device) / 8).requires_grad_()
+    b = (torch.randn(48, 8, device=device) / 8).requires_grad_()
+    x = torch.randn(3, 16, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
 
     def run(fn):
         y = fn(x, a, b, 0.5)
