@@ -102,3 +102,33 @@ def test_fused_step_matches_reference_on_cuda():
     same = sum(torch.equal(_bytes(opt_ref.state[a]["exp_avg"]), _bytes(opt_fused.state[b]["exp_avg"]))
                for a, b in zip(ref, fused, strict=True))
     print(f"fused FP8AdamW on CUDA: {same}/{len(ref)} first-moment code tensors byte-identical")
+
+
+def test_fused_state_is_views_of_flat_buffers_saved_once():
+    """The per-tensor state is views of the bucket's buffers; the checkpoint is as small as the reference's."""
+    ref, fused, gen = _pair("cpu")
+    opt_ref, opt_fused = FP8AdamW(ref, lr=1e-2), FusedFP8AdamW(fused, lr=1e-2)
+    _run(ref, fused, gen, opt_ref, opt_fused, steps=2)
+    flat = [opt_fused.state[p]["exp_avg"] for p in fused if opt_fused._fusable(p)]
+    assert len({t.untyped_storage().data_ptr() for t in flat}) == 1
+    sizes = []
+    for opt in (opt_ref, opt_fused):
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        sizes.append(buf.tell())
+    assert sizes[1] < 1.05 * sizes[0]
+
+
+def test_fused_buckets_follow_the_tensors_that_step_together():
+    ref, fused, gen = _pair("cpu")
+    opt_ref, opt_fused = FP8AdamW(ref, lr=1e-2), FusedFP8AdamW(fused, lr=1e-2)
+    _run(ref, fused, gen, opt_ref, opt_fused, steps=1)
+    assert len(opt_fused._buckets) == 1
+    for a, b in zip(ref[::2], fused[::2], strict=True):
+        a.grad = b.grad = None
+    opt_ref.step()
+    opt_fused.step()
+    assert len(opt_fused._buckets) == 1  # the old bucket (all tensors) was dropped with its buffers
+    _run(ref, fused, gen, opt_ref, opt_fused, steps=1)
+    assert len(opt_fused._buckets) == 2  # two step counts: two buckets, nothing stale
+    _assert_same_state(opt_ref, opt_fused, ref, fused)
