@@ -199,6 +199,21 @@ def _predict(plan: _Plan, config: str, res: int, flops, batch: int = 1) -> float
     return t0 * flops[res].total / flops[r0].total * batch
 
 
+def _note_compilation(notes: list[str]) -> None:
+    """Record (and log) graph breaks of the compiled configs: each one splits a block's graph."""
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    if not breaks:
+        return
+    reasons = "; ".join(f"{n}x {reason.splitlines()[0][:120]}" for reason, n in counters["graph_break"].items())
+    prefix = "torch.compile graph breaks so far"
+    note = f"{prefix}: {breaks} ({reasons})"
+    if note not in notes:
+        notes[:] = [n for n in notes if not n.startswith(prefix)] + [note]
+        logger.warning("bench: %s", note)
+
+
 def _run_batch1(plan: _Plan, name: str, resolutions: list[int], flops, rows: list) -> None:
     from coatflux.bench.configs import CONFIGS
     from coatflux.bench.report import Row
@@ -345,6 +360,7 @@ def _run(args: argparse.Namespace) -> int:
     for name in args.configs:
         logger.info("bench: %s at batch 1 (%.0f s elapsed)", name, time.monotonic() - start)
         _run_batch1(plan, name, resolutions, flops, report.rows)
+        _note_compilation(report.notes)
         save_partial()
     if args.max_batch_search:
         res = args.max_batch_resolution or max(resolutions)

@@ -108,12 +108,13 @@ def _feeds_attention(node: fx.Node, depth: int = FEED_DEPTH) -> bool:
     That is a query, key or value, also one the partitioner keeps before the head transpose, the
     QK RMSNorm or the rotary embedding (and recomputes those in backward).
     """
-    frontier, seen = [node], {node}
+    frontier, seen = {node}, {node}
     for _ in range(depth):
-        frontier = [user for n in frontier for user in n.users
-                    if user not in seen and not seen.add(user) and not _target_is(user, _GEMM_NAMES)]
-        if any(_is_attention_op(n) for n in frontier):
+        users = {user for n in frontier for user in n.users} - seen
+        if any(_is_attention_op(user) for user in users):
             return True
+        seen |= users
+        frontier = {user for user in users if not _target_is(user, _GEMM_NAMES)}
     return False
 
 
