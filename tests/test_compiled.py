@@ -292,3 +292,13 @@ def test_apply_coat_refuses_a_torch_that_cannot_inline_hooks(monkeypatch, tiny_b
 
 def test_this_torch_inlines_hooks():
     assert compiled_mod.inline_hooks_available() == (True, "")
+
+
+def test_range_monitor_says_it_cannot_see_inside_compiled_blocks(tiny_base):
+    from coatflux.core.stats import FP8RangeMonitor
+
+    model, _ = _tiny(tiny_base, COMPILED)
+    with pytest.warns(RuntimeWarning, match=r"FP8 linears inside compiled blocks are not counted"):
+        monitor = FP8RangeMonitor(model, enabled=False)
+    assert monitor.layers and not any(name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+                                      for name in monitor.layers)

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -144,13 +145,20 @@ class FP8RangeMonitor:
     ``model`` is searched once, at construction, for :class:`FP8Linear` modules and for the
     activation compressor that :func:`~coatflux.core.api.apply_coat` attached
     (``model.coat_context.compressor``). Counting happens only while :attr:`enabled` is true.
-    One monitor per model: a layer that already has another observer is an error.
+    One monitor per model: a layer that already has another observer is an error. Layers inside
+    blocks compiled by ``activation.compile_blocks`` are left out, with a warning that says how
+    many: their quantization is part of a compiled graph, where no observer runs.
     """
 
     def __init__(self, model: nn.Module, *, enabled: bool = True, activations: bool = True) -> None:
-        self.layers: dict[str, FP8Linear] = {
-            name: module for name, module in model.named_modules() if isinstance(module, FP8Linear)}
         context = getattr(model, "coat_context", None)
+        compiled = tuple(f"{name}." for name in getattr(context, "compiled_blocks", ()))
+        found = {name: module for name, module in model.named_modules() if isinstance(module, FP8Linear)}
+        self.layers: dict[str, FP8Linear] = {name: m for name, m in found.items() if not name.startswith(compiled)}
+        if len(self.layers) < len(found):
+            warnings.warn(f"FP8RangeMonitor: {len(found) - len(self.layers)} FP8 linears inside compiled blocks "
+                          "are not counted (coat.activation.compile_blocks: false counts them)",
+                          RuntimeWarning, stacklevel=2)
         self.compressor: Any = getattr(context, "compressor", None) if activations else None
         self._totals: dict[str, int] = {}
         self._device_counts: dict[str, torch.Tensor] = {}

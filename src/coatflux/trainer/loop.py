@@ -528,8 +528,9 @@ def _range_monitor(transformer: nn.Module):
         return None  # counting costs kernels and a sync per step: only when asked for
     from coatflux.core.stats import FP8RangeMonitor
 
-    monitor = FP8RangeMonitor(transformer)
+    monitor = FP8RangeMonitor(transformer)  # warns if compiled blocks hide layers from it
     if not monitor.layers:
+        logger.debug("FP8 range counts: no FP8 linear to observe")
         monitor.close()
         return None
     return monitor
