@@ -19,6 +19,7 @@ from torch import nn
 
 from coatflux.bench.model import PRESETS, build_transformer, loss_of, make_batch
 from coatflux.core import compiled as compiled_mod
+from coatflux.core.accounting import saved_activation_bytes
 from coatflux.core.api import apply_coat
 from coatflux.core.compiled import SavedTensorCompression, compile_blocks, pack, unpack
 from coatflux.core.config import ActivationConfig, COATConfig, ConfigError
@@ -258,6 +259,13 @@ def test_compiled_blocks_train_like_eager_coat_with_and_without_checkpointing(ti
     assert fp8 > 4 * wide  # the blocks keep FP8, but for attention's tensors:
     attention = [t for t in saved if t.dim() == 4 and t.shape[1] == 4]  # (batch, heads, tokens, head dim)
     assert len(attention) >= 4 * 4 and all(t.dtype == torch.bfloat16 for t in attention)
+
+    # the accounting sees what the compiled graphs keep (read from the autograd graph) and the eager rest
+    eager_model, _ = _tiny(tiny_base, COATConfig(activation=ActivationConfig(**activation)))
+    sizes = {name: saved_activation_bytes(m, lambda m=m: loss_of(m, data))
+             for name, m in (("eager", eager_model), ("compiled", model), ("plain", _tiny(tiny_base, None)[0]))}
+    assert 0 < sizes["compiled"] < 0.75 * sizes["plain"], sizes
+    assert 0.5 * sizes["eager"] < sizes["compiled"] < 2 * sizes["eager"], sizes
 
     model.enable_gradient_checkpointing()
     checkpointed = _step(model, params, data)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from coatflux.core.activation import SavedBytesMeter
+from coatflux.core.compiled import compiled_saved_tensors
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -53,12 +54,23 @@ def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) ->
     """Bytes kept for backward by ``run()`` (a forward through ``model``), each storage once.
 
     Works for plain models and for models prepared with :func:`~coatflux.core.api.apply_coat`
-    (then the FP8 copies are what is counted). Weights and buffers are not counted.
+    (then the FP8 copies are what is counted), compiled blocks included: what their graphs keep
+    is read from the autograd graph of ``run()``'s output. Weights and buffers are not counted.
     """
     meter = SavedBytesMeter(exclude=_weight_storages(model))
     context = getattr(model, "coat_context", None)
     compressor = getattr(context, "compressor", None)
-    if compressor is not None:
+    compression = getattr(context, "compression", None)
+    if compression is not None:  # compiled blocks: eager parts counted by the hooks, graphs by their nodes
+        compression.meter = meter
+        try:
+            out = run()
+        finally:
+            compression.meter = None
+        for root in _tensors(out):
+            for saved in compiled_saved_tensors(root):
+                meter.add(saved)
+    elif compressor is not None:
         compressor.meter = meter
         try:
             out = run()
@@ -69,6 +81,17 @@ def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) ->
             out = run()
     del out
     return meter.total
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors with autograd history in a forward's output (tensor, tuple, list or dict)."""
+    if torch.is_tensor(out):
+        return [out] if out.grad_fn is not None else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, list | tuple):
+        return [t for item in out for t in _tensors(item)]
+    return []
 
 
 def module_bytes(model: nn.Module, trainable: bool | None = None) -> int:

@@ -172,7 +172,8 @@ def unpack(packed: tuple[torch.Tensor, ...], *, group: int) -> torch.Tensor:
 
 
 def _graph_module(fn: Any, **kwargs: Any) -> fx.GraphModule:
-    """A one-node GraphModule calling ``fn(arg, **kwargs)``: inlineable by AOTAutograd."""
+    """A one-node GraphModule calling ``fn(arg, **kwargs)``: inlineable by AOTAutograd, which traces
+    it, and through it our Python, once per saved tensor."""
     graph = fx.Graph()
     arg = graph.placeholder("saved")
     graph.output(graph.call_function(fn, (arg,), kwargs))
@@ -180,18 +181,50 @@ def _graph_module(fn: Any, **kwargs: Any) -> fx.GraphModule:
 
 
 class SavedTensorCompression:
-    """The FP8 pack/unpack GraphModules for one model (create once: dynamo guards on their identity)."""
+    """The FP8 pack/unpack GraphModules for one model (create once: dynamo guards on their identity).
+
+    ``meter``, when set (by :func:`coatflux.core.accounting.saved_activation_bytes`), counts what
+    the eager parts of the model store; the compiled graphs' share is read from the autograd
+    graph (:func:`compiled_saved_tensors`).
+    """
 
     def __init__(self, config: ActivationConfig) -> None:
         self.config = config
-        self.pack_gm = _graph_module(pack, group=config.group_size, min_numel=config.min_saved_numel,
-                                     keep_attention=config.keep_attention_bf16)
+        self.meter: Any = None
+        options = {"group": config.group_size, "min_numel": config.min_saved_numel,
+                   "keep_attention": config.keep_attention_bf16}
+
+        def pack_and_count(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            packed = pack(t, **options)
+            if self.meter is not None and _hook_context() is None:
+                for stored in packed:
+                    self.meter.add(stored)
+            return packed
+
+        self.pack_gm = _graph_module(pack_and_count)
         self.unpack_gm = _graph_module(unpack, group=config.group_size)
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         with torch.autograd.graph.saved_tensors_hooks(self.pack_gm, self.unpack_gm):
             yield
+
+
+def compiled_saved_tensors(root: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors the compiled graphs under ``root``'s autograd graph keep for backward, as stored.
+
+    Their packing happens inside the graphs, where no Python runs; this is how they are counted.
+    """
+    seen, stack, saved = set(), [root.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in type(node).__name__:
+            saved.extend(node.saved_tensors)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return saved
 
 
 def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,

@@ -75,7 +75,10 @@ def _block_bytes(cfg: TrainJobConfig, attr: str, block: nn.Module, inputs: tuple
     full = cfg.network.type == "full"
     model.requires_grad_(full)  # a full fine-tune trains the block's own weights (all, here)
     if coat:
-        apply_coat(model, replace(cfg.coat, enabled=True, include=BLOCKS))
+        # eager COAT even with compile_blocks: compiling a block copy for one measurement would
+        # cost a compilation; the whole-model figure of the table is the compiled one
+        activation = replace(cfg.coat.activation, compile_blocks=False)
+        apply_coat(model, replace(cfg.coat, enabled=True, include=BLOCKS, activation=activation))
     if not full:
         inject_lora(model, cfg.network.linear, cfg.network.alpha, find_lora_targets(model), dtype=torch.float32)
     args, kwargs = _leaf(inputs[0]), {k: _leaf(v) for k, v in inputs[1].items()}
@@ -107,4 +110,6 @@ def measure_memory(cfg: TrainJobConfig, transformer: nn.Module, params: list[nn.
             plain += _block_bytes(cfg, attr, block, captured[attr], False, device) * counts[attr]
     table.blocks_plain, table.blocks_coat = plain, coat
     table.block_note = f"block 0 of each kind x {counts['transformer_blocks']}+{counts['single_transformer_blocks']}"
+    if getattr(getattr(transformer, "coat_context", None), "compiled_blocks", None):
+        table.block_note += "; COAT per block measured eagerly (the run's blocks are compiled)"
     return table
