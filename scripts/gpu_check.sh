@@ -33,7 +33,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # The benchmark, run directly: it disables cuDNN attention itself (--allow-cudnn-attention keeps it) and
 # writes bench.json / benchmarks.md after every config, so a kill keeps what ran. 1024 px first.
 timeout 390 python3 -m coatflux.bench --preset flux-dev --resolutions 1024 512 --steps 10 --warmup 2 \
-  --configs bf16 coat-compiled bf16-compiled coat bf16+ckpt coat+ckpt fp8-storage torchao-float8 coat-unfused \
+  --configs bf16 coat-compiled bf16-compiled torchao-compiled coat bf16+ckpt coat+ckpt fp8-storage torchao-float8 coat-unfused \
   --max-batch-configs coat-compiled bf16 --max-batch-steps 2 --budget-s 330 \
   --json "$OUT/bench.json" --markdown "$OUT/benchmarks.md" 2>&1 \
   | grep -v "should be kept in float32" | tee "$OUT/bench.log"

@@ -25,7 +25,9 @@ blocks) and builds an optimizer over them:
   block one ``torch.compile`` graph, FP8 GEMMs and the FP8 compression of saved activations
   inside it (:mod:`coatflux.core.compiled`).
 * ``bf16-compiled``: the bf16 baseline with the same blocks compiled, so that the compiler's own
-  share of the speed-up is visible next to COAT's.
+  share of the speed-up is visible next to COAT's; ``torchao-compiled``: torchao's float8
+  training with the blocks compiled, its intended use (its eager row pays a tensor-subclass
+  dispatch per op).
 
 Compiled rows spend their first (warm-up) step compiling; ``--compile-backend`` picks the
 ``torch.compile`` backend (``inductor``; the CPU tests use ``aot_eager``, which traces the same
@@ -143,6 +145,14 @@ def prepare_torchao(model: nn.Module, rank: int, options: SetupOptions) -> torch
     return _adamw(_add_lora(model, rank))
 
 
+def prepare_torchao_compiled(model: nn.Module, rank: int, options: SetupOptions) -> torch.optim.Optimizer:
+    from coatflux.core.compiled import compile_blocks
+
+    optimizer = prepare_torchao(model, rank, options)
+    compile_blocks(model, backend=options.compile_backend)
+    return optimizer
+
+
 def _prepare_coat(model: nn.Module, rank: int, options: SetupOptions, **activation: bool) -> torch.optim.Optimizer:
     from coatflux.core.api import COATTrainer, apply_coat
     from coatflux.core.config import ActivationConfig, COATConfig
@@ -206,4 +216,6 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
     BenchConfig("coat-compiled", "COAT with each block one torch.compile graph (compile_blocks)",
                 prepare_coat_compiled),
     BenchConfig("bf16-compiled", "bf16 with each block one torch.compile graph", prepare_bf16_compiled),
+    BenchConfig("torchao-compiled", "torchao float8 training with each block compiled (how torchao is meant to run)",
+                prepare_torchao_compiled, unavailable=_torchao_missing),
 )}
