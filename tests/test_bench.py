@@ -37,7 +37,7 @@ def test_tiny_preset_end_to_end_writes_every_row(tmp_path, one_thread):
     batch1 = {(r["config"], r["resolution"]) for r in rows if r["kind"] == "batch 1"}
     assert batch1 == {(c, 32) for c in CONFIGS}
     for r in rows:
-        if r["config"] == "torchao-float8" and r["status"] == "not installed":
+        if r["config"].startswith("torchao") and r["status"] == "not installed":
             continue
         assert r["status"] == "ok", r
         assert r["step_s"] > 0 and r["steps"] >= 1 and r["peak_gb"] is None  # CPU: memory n/a, not guessed
