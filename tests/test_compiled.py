@@ -21,7 +21,13 @@ from coatflux.bench.model import PRESETS, build_transformer, loss_of, make_batch
 from coatflux.core import compiled as compiled_mod
 from coatflux.core.accounting import saved_activation_bytes
 from coatflux.core.api import apply_coat
-from coatflux.core.compiled import SavedTensorCompression, compile_blocks, pack, unpack
+from coatflux.core.compiled import (
+    SavedTensorCompression,
+    compile_blocks,
+    compiled_saved_tensors,
+    pack,
+    unpack,
+)
 from coatflux.core.config import ActivationConfig, COATConfig, ConfigError
 from coatflux.core.formats import E4M3, dequantize_reference, quantize_reference, sqnr_db
 from coatflux.core.linear import FP8Linear
@@ -36,20 +42,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _saved_by_compiled_graphs(root: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors every compiled graph under ``root``'s autograd graph keeps for backward (as stored)."""
-    seen, stack, saved = set(), [root.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "CompiledFunction" in type(node).__name__:
-            saved.extend(node.saved_tensors)
-        stack.extend(fn for fn, _ in node.next_functions)
-    return saved
 
 
 # --- pack / unpack ---------------------------------------------------------------------------
@@ -96,7 +88,7 @@ def _mlp_grads(fn, hooks: SavedTensorCompression | None, device: str = "cpu"):
     inputs = _mlp_inputs(device)
     with hooks() if hooks is not None else contextlib.nullcontext():
         out = fn(*inputs)
-    saved = _saved_by_compiled_graphs(out)
+    saved = compiled_saved_tensors(out)
     out.float().square().sum().backward()
     return [t.grad for t in inputs], saved
 
@@ -137,7 +129,7 @@ def test_attention_tensors_stay_bf16_in_a_compiled_block():
     x = torch.randn(1, 32, 64, dtype=torch.bfloat16, requires_grad=True)
     with SavedTensorCompression(ActivationConfig(min_saved_numel=0))():
         out = torch.compile(attention_block, backend="aot_eager", fullgraph=True)(x)
-    saved = _saved_by_compiled_graphs(out)
+    saved = compiled_saved_tensors(out)
     four_d = [t for t in saved if t.dim() == 4]
     assert four_d and all(t.dtype != torch.float8_e4m3fn for t in four_d)  # q, k, v, output, lse
     assert any(t.dtype == torch.float8_e4m3fn for t in saved)  # the GELU input is compressed
@@ -227,7 +219,7 @@ def _tiny(base, coat: COATConfig | None, backend: str = "aot_eager", checkpointi
 
 def _step(model, params, data):
     loss = loss_of(model, data)
-    saved = _saved_by_compiled_graphs(loss)
+    saved = compiled_saved_tensors(loss)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in params])
     for p in params:
@@ -238,6 +230,7 @@ def _step(model, params, data):
 COMPILED = COATConfig(activation=ActivationConfig(compile_blocks=True))
 
 
+@pytest.mark.slow  # ~40 s of tracing: AOTAutograd traces the pack and unpack hooks once per saved tensor
 def test_compiled_blocks_train_like_eager_coat_with_and_without_checkpointing(tiny_base):
     """One compiled tiny FLUX: its loss and gradients against eager COAT, what it stores, and checkpointing.
 
