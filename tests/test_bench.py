@@ -94,3 +94,16 @@ def test_fp8_storage_linear_matches_upcast_reference():
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(5, 48) @ w)
     assert fp8.weight_fp8.dtype == torch.float8_e4m3fn and not list(fp8.parameters())
+
+
+def test_resolution_order_measures_every_config_at_one_resolution_first(tmp_path, one_thread):
+    from coatflux.bench.__main__ import main
+
+    js = tmp_path / "b.json"
+    assert main(["--preset", "tiny", "--configs", "bf16", "fp8-storage", "--resolutions", "32", "64",
+                 "--order", "resolution", "--no-max-batch-search", "--steps", "1", "--warmup", "0",
+                 "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["config"], r["resolution"]) for r in rows] == [
+        ("bf16", 32), ("fp8-storage", 32), ("bf16", 64), ("fp8-storage", 64)]
+    assert all(r["status"] == "ok" for r in rows)

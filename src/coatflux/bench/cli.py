@@ -3,7 +3,9 @@
 Plan, in priority order so a time budget cuts the least useful work first:
 
 1. matmul-rate probe and FLOP counts (seconds);
-2. for each config, a fresh model: batch 1 at each resolution, ``--warmup`` + ``--steps`` steps;
+2. for each config, a fresh model: batch 1 at each resolution, ``--warmup`` + ``--steps`` steps
+   (``--order resolution``: every config at the first resolution before any at the next, each
+   cell with a fresh model, so that a budget cut drops the second resolution first);
 3. for the ``--max-batch-configs`` (default bf16, coat, bf16+ckpt, coat+ckpt) at the largest
    resolution, a fresh model again: the largest batch up to the preset's cap, then
    ``--max-batch-steps`` timed steps at that batch.
@@ -53,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="configurations to run (default: all)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per cell (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--order", choices=("config", "resolution"), default="config",
+                        help="batch-1 cells config by config (one model each) or resolution by resolution")
     parser.add_argument("--max-batch-search", action=argparse.BooleanOptionalAction, default=True,
                         help="search the largest batch that fits (default on)")
     parser.add_argument("--max-batch-configs", nargs="+", choices=list(CONFIGS),
@@ -357,9 +361,11 @@ def _run(args: argparse.Namespace) -> int:
         report.derive(flops)
         write_outputs(report, flops, args.json_path, args.markdown_path)
 
-    for name in args.configs:
-        logger.info("bench: %s at batch 1 (%.0f s elapsed)", name, time.monotonic() - start)
-        _run_batch1(plan, name, resolutions, flops, report.rows)
+    passes = [(name, resolutions) for name in args.configs] if args.order == "config" else \
+        [(name, [res]) for res in resolutions for name in args.configs]
+    for name, cells in passes:
+        logger.info("bench: %s at batch 1, %s px (%.0f s elapsed)", name, cells, time.monotonic() - start)
+        _run_batch1(plan, name, cells, flops, report.rows)
         _note_compilation(report.notes)
         save_partial()
     if args.max_batch_search:
