@@ -100,13 +100,28 @@ def _finite_abs(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag))
 
 
+def _format_max(fmt: FP8Format) -> float:
+    """``fmt.max`` as a literal of this code, which dynamo always treats as a constant.
+
+    Read as an attribute, a float may be traced as a symbolic input under dynamic shapes; in the
+    backward of a custom autograd function inside a compiled block that failed to trace (torch
+    2.13: "lift_tracked_freevar_to_input should not be called on root SubgraphTracer").
+    """
+    if fmt.name == "e4m3":
+        return 448.0
+    if fmt.name == "e5m2":
+        return 57344.0
+    raise ValueError(f"no FP8 format named {fmt.name!r}")
+
+
 def _saturate(v: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
     """``v.clamp(-max, max)`` that passes NaN through untouched, as eager's clamp does.
 
     Inductor's vectorised CPU clamp returns the x86 default NaN (sign bit set), which would encode
     as 0xFF instead of the reference's 0x7F; selecting the NaN itself keeps its bits.
     """
-    return torch.where(torch.isnan(v), v, v.clamp(-fmt.max, fmt.max))
+    limit = _format_max(fmt)
+    return torch.where(torch.isnan(v), v, v.clamp(-limit, limit))
 
 
 def _pow2(exponent: torch.Tensor) -> torch.Tensor:
@@ -155,15 +170,20 @@ def _pow2_exponent_of(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
 AMAX_BLOCK = 4096  # elements per partial maximum of a per-tensor scale
 
 
+def _quantize_tensor(flat: torch.Tensor, fmt_max: torch.Tensor | float,
+                     fmt: FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
+    # zero padding cannot raise a maximum of absolute values, so the result is the reference's
+    blocks = torch.nn.functional.pad(flat, (0, (-flat.shape[0]) % AMAX_BLOCK)).reshape(-1, AMAX_BLOCK)
+    amax = _finite_abs(blocks).amax(dim=1).amax()
+    scale = amax / fmt_max
+    scale = torch.where((amax > 0) & (scale > 0), scale, torch.ones_like(scale))  # as scale_from_amax
+    codes = _saturate(flat.float() / scale, fmt).to(fmt.dtype)
+    return codes, scale
+
+
 def _quantize_tensor_fn(fmt: FP8Format) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     def fn(flat: torch.Tensor, fmt_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # zero padding cannot raise a maximum of absolute values, so the result is the reference's
-        blocks = torch.nn.functional.pad(flat, (0, (-flat.shape[0]) % AMAX_BLOCK)).reshape(-1, AMAX_BLOCK)
-        amax = _finite_abs(blocks).amax(dim=1).amax()
-        scale = amax / fmt_max
-        scale = torch.where((amax > 0) & (scale > 0), scale, torch.ones_like(scale))  # as scale_from_amax
-        codes = _saturate(flat.float() / scale, fmt).to(fmt.dtype)
-        return codes, scale
+        return _quantize_tensor(flat, fmt_max, fmt)
 
     return fn
 
@@ -173,7 +193,7 @@ def _quantize_group_fn(fmt: FP8Format, group: int) -> Callable[[torch.Tensor], t
         width = rows.shape[-1]
         padded = torch.nn.functional.pad(rows.float(), (0, (-width) % group))
         groups = padded.reshape(padded.shape[0], -1, group)
-        exponent = _pow2_exponent_of(_finite_abs(groups).amax(dim=-1, keepdim=True), fmt.max)
+        exponent = _pow2_exponent_of(_finite_abs(groups).amax(dim=-1, keepdim=True), _format_max(fmt))
         scaled = groups * _pow2(-exponent)  # == groups / 2**exponent, exactly
         # contiguous: the reference keeps the padded buffer behind a view; the bytes are the same
         codes = _saturate(scaled, fmt).to(fmt.dtype).reshape(padded.shape)[..., :width].contiguous()
@@ -218,13 +238,13 @@ def group_pow2_values_ops(rows: torch.Tensor, exponent: torch.Tensor, group: int
 def tensor_scale_ops(x: torch.Tensor, fmt: str | FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-tensor quantizer's operations, uncompiled: ``(codes shaped like x, fp32 scale)``.
 
-    The format maximum is a constant here, so inductor may divide by multiplying with its
+    The format maximum is a Python number here, so inductor may divide by multiplying with its
     reciprocal (a last-bit difference from the reference, which the compiled paths' SQNR tests
-    allow); :func:`quantize_tensor` is the byte-exact entry point.
+    allow); :func:`quantize_tensor` is the byte-exact entry point. (A tensor made for it inside a
+    custom autograd function's backward fails to trace with dynamic shapes in torch 2.13.)
     """
     fmt = get_format(fmt)
-    fmt_max = torch.full((), fmt.max, dtype=torch.float32, device=x.device)
-    codes, scale = _quantize_tensor_fn(fmt)(x.reshape(-1), fmt_max)
+    codes, scale = _quantize_tensor(x.reshape(-1), _format_max(fmt), fmt)
     return codes.reshape(x.shape), scale
 
 
