@@ -88,6 +88,15 @@ def is_attention_module(module: torch.nn.Module) -> bool:
     return type(module).__name__.endswith("Attention")
 
 
+def is_weight_or_constant(t: torch.Tensor) -> bool:
+    """A saved tensor that stays as it is: a weight (or its transpose, as ``nn.Linear`` saves it),
+    stored anyway, or a constant without autograd history (RoPE tables, masks), usually alive
+    elsewhere and cheap to keep exact."""
+    if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+        return True
+    return t.grad_fn is None and not t.requires_grad
+
+
 class _Packed:
     """A saved tensor in FP8 form; shared by every op that saved the same source tensor."""
 
@@ -154,10 +163,8 @@ class ActivationCompressor:
         """Activations only: not weights, not constants, not per-row statistics."""
         if not t.is_floating_point() or t.element_size() == 1 or t.layout != torch.strided:
             return False
-        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
-            return False  # a weight (or its transpose, as nn.Linear saves it) is stored anyway
-        if t.grad_fn is None and not t.requires_grad:
-            return False  # a constant (RoPE tables, masks): usually alive elsewhere, and exact is cheap
+        if is_weight_or_constant(t):
+            return False
         if t.dim() == 0 or t.shape[-1] < self.config.group_size:
             return False  # norm statistics (mean, rstd): tiny, and every gradient is multiplied by them
         return t.numel() >= max(self.config.min_saved_numel, 1)

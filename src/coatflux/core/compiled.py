@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from coatflux.core.activation import is_weight_or_constant
 from coatflux.core.config import ActivationConfig
 from coatflux.core.formats import E4M3, quantize
 
@@ -140,10 +141,8 @@ def _compressible(t: torch.Tensor, group: int, min_numel: int) -> bool:
 def pack(t: torch.Tensor, *, group: int, min_numel: int, keep_attention: bool) -> tuple[torch.Tensor, ...]:
     """A saved tensor as ``(codes, int8 exponents, dtype marker)``, or ``(t,)`` where it stays as it is."""
     context = _hook_context()
-    if context is None:  # eager: a parameter or a constant is alive anyway
-        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
-            return (t,)
-        if t.grad_fn is None and not t.requires_grad:
+    if context is None:  # eager: decided from the tensor, as the eager compressor decides
+        if is_weight_or_constant(t):
             return (t,)
     elif keep_attention and touches_attention(context.get("_node")):
         return (t,)

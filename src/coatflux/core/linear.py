@@ -167,14 +167,13 @@ class _TracedFP8Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, weight: torch.Tensor | None, w_codes: torch.Tensor | None,
                 w_scale: torch.Tensor | None, fp8: bool) -> torch.Tensor:
-        if weight is not None:
-            w_codes, w_scale = tensor_scale_ops(weight.detach(), E4M3)
         xq, x_scale = tensor_scale_ops(x2, E4M3)
         ctx.fp8, ctx.weight_dtype = fp8, None if weight is None else weight.dtype
-        if weight is not None:
-            ctx.save_for_backward(w_codes, w_scale, xq, x_scale)
-        else:
+        if weight is None:
             ctx.save_for_backward(w_codes, w_scale)
+        else:  # trainable: quantized here, and the FP8 input kept for the weight gradient
+            w_codes, w_scale = tensor_scale_ops(weight.detach(), E4M3)
+            ctx.save_for_backward(w_codes, w_scale, xq, x_scale)
         m, n, k = x2.shape[0], w_codes.shape[0], x2.shape[1]
         return fp8_mm(xq, x_scale, w_codes, w_scale, x2.dtype, fp8 and shape_supported(m, n, k))
 

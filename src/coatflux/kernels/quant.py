@@ -44,6 +44,11 @@ Exactness, and what it took:
   vectorised CPU clamp returns the x86 default NaN, whose sign bit would change the code.
   (Dequantized NaNs may differ in payload bits; they are NaN in the same places.)
 
+The same operations, uncompiled, serve code that is itself being compiled (the FP8 linear and
+the saved-tensor hooks of :mod:`coatflux.core.compiled`): :func:`tensor_scale_ops`,
+:func:`group_pow2_ops` and :func:`group_pow2_values_ops`, which the enclosing graph's inductor
+fuses with their neighbours.
+
 Scope: per-tensor scales without ``pow2`` and per-group scales with ``pow2`` (what COAT uses);
 everything else stays on the reference. :mod:`coatflux.core.formats` dispatches here for CUDA
 tensors unless ``COATFLUX_REFERENCE_KERNELS=1``.

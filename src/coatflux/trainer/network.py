@@ -8,6 +8,8 @@ output.
 * **LoRA**: adapters wrap the block linears *after* COAT has made them FP8 linears, so one FP8
   copy of each input serves the frozen GEMM and the adapter (see :mod:`coatflux.flux.lora`). Files
   are diffusers/PEFT LoRA safetensors, as ai-toolkit writes them.
+* **Compilation** (ai-toolkit's ``model.compile`` / ``block_compile``) happens with the FP8
+  conversion: with COAT the blocks compile with COAT inside them (``coat.activation.compile_blocks``).
 * **Full fine-tune**: the selected weights (``network.network_kwargs`` filters, matched against
   ``transformer.<parameter name>``; all weights by default) are made trainable *before* COAT, so
   COAT keeps them as high-precision parameters with FP8 GEMMs and FP8 saved activations while the
@@ -69,7 +71,7 @@ def _compile_options(cfg: TrainJobConfig) -> dict[str, object]:
     return {"mode": model.compile_mode, "dynamic": model.compile_dynamic, "fullgraph": model.compile_fullgraph}
 
 
-def _convert_to_fp8(transformer: nn.Module, cfg: TrainJobConfig, device: torch.device) -> None:
+def _convert_and_compile(transformer: nn.Module, cfg: TrainJobConfig, device: torch.device) -> None:
     """COAT (FP8 linears + compressed activations), or FP8 weights alone with ``model.quantize``.
 
     ``model.compile`` with COAT compiles per block whatever ``block_compile`` says: a whole-model
@@ -118,9 +120,9 @@ def build_network(transformer: nn.Module, cfg: TrainJobConfig, device: torch.dev
     _move_small_parts(transformer, device)
     if cfg.network.type == "full":
         network: TrainedNetwork = FullNetwork(transformer, cfg)
-        _convert_to_fp8(transformer, cfg, device)
+        _convert_and_compile(transformer, cfg, device)
     else:
-        _convert_to_fp8(transformer, cfg, device)
+        _convert_and_compile(transformer, cfg, device)
         network = LoRANetwork(transformer, cfg, seed)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
