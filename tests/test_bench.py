@@ -41,6 +41,11 @@ def test_tiny_preset_end_to_end_writes_every_row(tmp_path, one_thread):
             continue
         assert r["status"] == "ok", r
         assert r["step_s"] > 0 and r["steps"] >= 1 and r["peak_gb"] is None  # CPU: memory n/a, not guessed
+        if r["kind"] == "batch 1":
+            assert r["first_step_s"] > 0
+    compiled = next(r for r in rows if r["config"] == "coat-compiled")
+    assert compiled["first_step_s"] > 3 * compiled["step_s"]  # the first step traces the blocks
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
     assert {r["config"] for r in rows if r["kind"] == "max batch"} == {"bf16", "coat", "bf16+ckpt", "coat+ckpt"}
     text = md.read_text()
     assert "No GPU run yet" in text and "| coat+ckpt |" in text and "torch " + torch.__version__ in text

@@ -26,6 +26,7 @@ from coatflux.core.compiled import (
     compile_blocks,
     compiled_saved_tensors,
     pack,
+    uniform_stream_tensor,
     unpack,
 )
 from coatflux.core.config import ActivationConfig, COATConfig, ConfigError
@@ -264,6 +265,39 @@ def test_compiled_blocks_train_like_eager_coat_with_and_without_checkpointing(ti
     checkpointed = _step(model, params, data)
     assert torch.equal(loss, checkpointed[0])
     assert sqnr_db(grads, checkpointed[1]) > 20  # recomputed exactly instead of stored in FP8
+
+
+def test_every_block_of_a_class_runs_one_graph(tiny_base):
+    """The first double block (inputs without grad) and the first single block (contiguous inputs,
+    where later ones get views) would each compile a second graph; the stream inputs are made uniform."""
+    from torch._dynamo.utils import counters
+
+    model, params = _tiny(tiny_base, None)
+    compile_blocks(model, backend="aot_eager")
+    counters.clear()
+    data = make_batch(PRESETS["tiny"], 32, 1, "cpu")
+    loss = loss_of(model, data)
+    loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize("case", ["batch-1 view", "batch-2 view", "no grad", "plain"])
+def test_uniform_stream_tensor_keeps_values_and_gradient_flow(case):
+    base = torch.randn(2 if case == "batch-2 view" else 1, 12, 8, requires_grad=case != "no grad")
+    tensor = base[:, 4:] if "view" in case else base * 1 if case == "plain" else base
+    out = uniform_stream_tensor(tensor)
+    assert torch.equal(out, tensor) and out.requires_grad
+    assert out.stride() == torch.empty(out.shape).stride()
+    if case == "batch-1 view":
+        assert out.data_ptr() == tensor.data_ptr()  # re-viewed, not copied
+    if base.requires_grad:
+        (out * 2).sum().backward()
+        expected = torch.zeros_like(base)
+        expected[:, 4:] = 2 if "view" in case else 0
+        if "view" not in case:
+            expected.fill_(2)
+        assert torch.equal(base.grad, expected)
 
 
 # --- bad input --------------------------------------------------------------------------------

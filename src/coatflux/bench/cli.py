@@ -150,8 +150,12 @@ def _time_cell(trainee: _Trainee, plan: _Plan, row, steps: int, warmup: int) -> 
     model, optimizer = trainee.get()
     data = make_batch(PRESETS[plan.args.preset], row.resolution, row.batch, plan.device)
     reset_peak(plan.device)
-    times = time_steps(*_step_fns(model, optimizer, data), plan.device, steps, warmup, plan.deadline)
+    def on_first(seconds: float) -> None:
+        logger.info("bench: %s at %d px: first step %.1f s", row.config, row.resolution, seconds)
+
+    times = time_steps(*_step_fns(model, optimizer, data), plan.device, steps, warmup, plan.deadline, on_first)
     row.step_s, row.optimizer_s, row.steps = times.median(), times.median_optimizer(), len(times.step)
+    row.first_step_s = times.first
     row.peak_gb = peak_gb(plan.device)
     if times.stopped_early:
         row.note = (row.note + "; " if row.note else "") + f"time budget: {row.steps} of {steps} steps"
@@ -179,12 +183,13 @@ def _run_guarded(trainee: _Trainee, action, row) -> None:
 
 
 def _failure(exc: BaseException) -> tuple[str, str]:
-    """(status, note) of a failed cell; logs the traceback at debug level."""
+    """(status, note) of a failed cell; logs the traceback (an error's as a warning: the row keeps one line)."""
     from coatflux.bench.measure import is_oom
 
-    logger.debug("%s", "".join(traceback.format_exception(exc)))
+    oom = is_oom(exc)
+    logger.log(logging.DEBUG if oom else logging.WARNING, "%s", "".join(traceback.format_exception(exc)))
     first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
-    return ("oom" if is_oom(exc) else "error"), f"{type(exc).__name__}: {first_line}"
+    return ("oom" if oom else "error"), f"{type(exc).__name__}: {first_line}"
 
 
 def _record(row, status: str, note: str) -> None:

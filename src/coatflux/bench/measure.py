@@ -68,6 +68,7 @@ class StepTimes:
 
     step: list[float] = field(default_factory=list)
     optimizer: list[float] = field(default_factory=list)
+    first: float | None = None  # host wall time of the first step: compilation and allocation included
     stopped_early: bool = False
 
     def median(self) -> float | None:
@@ -98,9 +99,15 @@ class _Clock:
 
 
 def time_steps(forward_backward: Callable[[], None], optimizer_step: Callable[[], None],
-               device: torch.device, steps: int, warmup: int, deadline: float | None = None) -> StepTimes:
-    """Run ``warmup`` then ``steps`` training steps; stop early (flagged) once ``deadline`` passes."""
+               device: torch.device, steps: int, warmup: int, deadline: float | None = None,
+               on_first: Callable[[float], None] | None = None) -> StepTimes:
+    """Run ``warmup`` then ``steps`` training steps; stop early (flagged) once ``deadline`` passes.
+
+    ``on_first(seconds)`` is called after the first step (a compiled config's compile time shows
+    in the log even when the run is cut before its timing ends).
+    """
     clock, times = _Clock(device), StepTimes()
+    began = time.perf_counter()
     for i in range(warmup + steps):
         if deadline is not None and time.monotonic() > deadline and times.step:
             times.stopped_early = True
@@ -111,6 +118,10 @@ def time_steps(forward_backward: Callable[[], None], optimizer_step: Callable[[]
         optimizer_step()
         end = clock.mark()
         synchronize(device)
+        if i == 0:
+            times.first = time.perf_counter() - began
+            if on_first is not None:
+                on_first(times.first)
         if i >= warmup:
             times.step.append(clock.seconds(start, end))
             times.optimizer.append(clock.seconds(middle, end))

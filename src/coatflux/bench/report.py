@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from coatflux.atomic import atomic_write
 from coatflux.bench.measure import MatmulRates
 from coatflux.bench.model import StepFlops
 
@@ -35,6 +36,7 @@ class Row:
     status: str = "ok"  # ok | error | oom | skipped | not installed
     step_s: float | None = None
     optimizer_s: float | None = None
+    first_step_s: float | None = None  # the first warm-up step: compilation, allocation, autotuning
     steps: int = 0
     peak_gb: float | None = None
     max_batch: str | None = None
@@ -116,7 +118,7 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
-HEADER = ("| config | res | batch | step s (median, n) | optimizer s | peak GiB | max batch | "
+HEADER = ("| config | res | batch | step s (median, n) | optimizer s | first step s | peak GiB | max batch | "
           "floor/step bf16 · FP8 | samples/s vs bf16 | note |")
 
 
@@ -127,7 +129,8 @@ def table(rows: list[Row]) -> str:
         step = r.status if r.status != "ok" else f"{_num(r.step_s, '.3f')} (n={r.steps})"
         lines.append(
             f"| {r.config} | {r.resolution} | {r.batch if r.batch is not None else '-'} | {step} | "
-            f"{_num(r.optimizer_s, '.3f', '-')} | {_num(r.peak_gb, '.1f')} | {r.max_batch or '-'} | "
+            f"{_num(r.optimizer_s, '.3f', '-')} | {_num(r.first_step_s, '.1f', '-')} | {_num(r.peak_gb, '.1f')} | "
+            f"{r.max_batch or '-'} | "
             f"{_pct(r.floor_bf16)} · {_pct(r.floor_fp8)} | {_num(r.speedup, '.2f', '-')}x | "
             f"{r.note.replace('|', '/')} |")
     return "\n".join(lines)
@@ -168,7 +171,9 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
         out += ["## Notes from this run", ""] + [f"- {n}" for n in report.notes] + [""]
     out += ["## How to read it", "",
             "- step s: median wall time of one training step (forward, backward, optimizer step) over n timed "
-            "steps after warm-up; CUDA events on a GPU. optimizer s: the optimizer-step part of it.",
+            "steps after warm-up; CUDA events on a GPU. optimizer s: the optimizer-step part of it. first step s: "
+            "host wall time of the first warm-up step, which pays for compilation (torch.compile for the "
+            "compiled configs, Triton kernels for the others), allocation and autotuning.",
             "- peak GiB: `torch.cuda.max_memory_allocated` over the timed steps (weights, adapters, optimizer "
             "state, activations).",
             "- max batch: the largest batch that ran one training step at that resolution (doubling, then "
@@ -185,12 +190,12 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
 
 def write_outputs(report: Report, flops: dict[int, StepFlops], json_path: str | None,
                   markdown_path: str | None) -> None:
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    if markdown_path:
-        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown_path).write_text(markdown(report, flops))
+    """Write the JSON and markdown atomically: a run killed while writing keeps the previous file."""
+    for path, text in ((json_path, lambda: json.dumps(report.to_json(), indent=2) + "\n"),
+                       (markdown_path, lambda: markdown(report, flops))):
+        if path:
+            content = text()
+            atomic_write(Path(path), lambda tmp, content=content: Path(tmp).write_text(content))
 
 
 def command_line() -> list[str]:

@@ -226,14 +226,21 @@ def compiled_saved_tensors(root: torch.Tensor) -> list[torch.Tensor]:
     return saved
 
 
+STREAM_INPUTS = ("hidden_states", "encoder_hidden_states")  # diffusers' name for a block's residual stream
+
+
 def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
-                   **compile_kwargs: Any) -> list[str]:
+                   stream_inputs: Iterable[str] = STREAM_INPUTS, **compile_kwargs: Any) -> list[str]:
     """``torch.compile`` every module whose class name is in ``block_classes``; returns their names.
 
     ``block_classes`` defaults to the model's ``_repeated_blocks`` (diffusers' convention). Each
     module compiles its own call (``nn.Module.compile``): hooks around it, such as gradient
     checkpointing's, stay outside the graph. A model with neither raises rather than compiling
     everything, whose forward hooks (COAT's own) cannot be traced.
+
+    The arguments named in ``stream_inputs`` (the residual stream one block hands the next) are
+    made uniform before each call, see :class:`UniformStreamInputs`: every block of a class then
+    runs the same graph, where otherwise the first block of each class compiles a second one.
     """
     classes = tuple(block_classes if block_classes is not None else getattr(model, "_repeated_blocks", ()) or ())
     if not classes:
@@ -242,6 +249,71 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
     names = [name for name, module in model.named_modules() if type(module).__name__ in classes]
     if not names:
         raise ValueError(f"compile_blocks: no module of class {', '.join(classes)} in {type(model).__name__}")
+    uniform = UniformStreamInputs(tuple(stream_inputs))
     for name in names:
-        model.get_submodule(name).compile(**compile_kwargs)
+        block = model.get_submodule(name)
+        uniform.attach(block)
+        block.compile(**compile_kwargs)
     return names
+
+
+class UniformStreamInputs:
+    """Forward pre-hook that gives every block of a class residual-stream inputs with equal guards.
+
+    Why: dynamo guards a compiled graph on each input's ``requires_grad`` and strides. In FLUX the
+    first double block's inputs come from frozen embedders (no grad) and every later one's from a
+    block (grad), and the first single block gets contiguous tensors where the later ones get
+    views into the previous block's joint sequence (another batch stride, even at batch 1). Each
+    difference compiles the whole block a second time: four graphs instead of two, and the
+    compile time of COAT's blocks is the largest fixed cost of a run.
+
+    What it does, only while autograd records: a stream input that does not require grad becomes
+    a detached leaf that does (its gradient is one input-gradient GEMM per linear of that block,
+    about 0.5% of a FLUX step), and a stream input laid out unlike a fresh tensor is made so:
+    a view of the same memory when only size-1 dimensions differ (squeeze and unsqueeze), else
+    a contiguous copy. Values are untouched. Chosen against ``torch._dynamo.mark_dynamic`` and
+    ``dynamic=True``, which relax sizes, not strides or ``requires_grad``.
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def attach(self, block: nn.Module) -> None:
+        """Register on ``block`` once (idempotent: a second call leaves the first hook)."""
+        if self.names and not getattr(block, "_coatflux_uniform_inputs", False):
+            block.register_forward_pre_hook(self, with_kwargs=True)
+            block._coatflux_uniform_inputs = True
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # Runs before the compiled frame's guards (``nn.Module.compile`` compiles the hooks with
+        # the forward; disabled, this hook ends the empty graph before the block's).
+        if not torch.is_grad_enabled() or not any(name in kwargs for name in self.names):
+            return None  # positional calls (gradient checkpointing's) are left as they are
+        kwargs = dict(kwargs)
+        for name in self.names:
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                kwargs[name] = uniform_stream_tensor(value)
+        return args, kwargs
+
+
+def uniform_stream_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with a fresh tensor's strides and ``requires_grad`` (see :class:`UniformStreamInputs`)."""
+    if tensor.stride() != _contiguous_strides(tensor.shape):
+        if tensor.is_contiguous():  # only size-1 dimensions have other strides: re-view, no copy
+            for dim in (d for d, size in enumerate(tensor.shape) if size == 1):
+                tensor = tensor.squeeze(dim).unsqueeze(dim)
+        else:
+            tensor = tensor.contiguous()
+    if not tensor.requires_grad:
+        tensor = tensor.detach().requires_grad_()
+    return tensor
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
