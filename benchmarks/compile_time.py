@@ -51,6 +51,14 @@ def _top_compile_times(limit: int) -> str:
     return "; ".join(f"{name} {float(value):.1f} s" for name, value in pairs)
 
 
+def _cache_counters() -> str:
+    from torch._dynamo.utils import counters
+
+    found = {f"{group}.{key}": value for group in ("inductor", "aot_autograd")
+             for key, value in counters[group].items() if "cache" in key}
+    return ", ".join(f"{key} {value}" for key, value in sorted(found.items())) or "none recorded"
+
+
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> None:
     from torch._inductor import metrics
 
@@ -58,17 +66,20 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> None:
     preset = dataclasses.replace(base, config=dict(base.config, num_layers=args.double,
                                                    num_single_layers=args.single))
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     metrics.reset()
     if args.stack_after > 0:
         faulthandler.dump_traceback_later(args.stack_after, exit=False, file=sys.stderr)
     model = bench_model.build_transformer(preset, device)
-    optimizer = CONFIGS[name].setup(model, base.lora_rank, SetupOptions(device.type == "cuda", args.backend))
+    optimizer = CONFIGS[name].setup(model, base.lora_rank, SetupOptions(device.type == "cuda", args.backend,
+                                                                         args.dynamic))
     first = _step(model, optimizer, preset, args.resolution, device)
     later = [_step(model, optimizer, preset, args.resolution, device) for _ in range(args.steps)]
     faulthandler.cancel_dump_traceback_later()
     print(f"{name}: first step {first:.1f} s, later steps {statistics.median(later) * 1e3:.1f} ms (median of "
           f"{len(later)}), {metrics.generated_kernel_count} kernels generated", flush=True)
     print(f"  compile time, largest entries: {_top_compile_times(8)}", flush=True)
+    print(f"  caches: {_cache_counters()}", flush=True)
     del model, optimizer
 
 
@@ -81,6 +92,8 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=1, help="single-stream blocks")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=True,
+                        help="dynamic shapes (the trainer's default)")
     parser.add_argument("--stack-after", type=float, default=0.0, help="dump stacks after this many seconds (0: off)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()

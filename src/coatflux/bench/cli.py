@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="COAT configs use the fused multi-tensor FP8AdamW (default: on CUDA only)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compiled configs (aot_eager: trace only, for tests)")
+    parser.add_argument("--compile-dynamic", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile with dynamic shapes, as the trainer does by default (ai-toolkit's "
+                             "compile_dynamic); --no-compile-dynamic specializes on each resolution")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="total time budget in seconds; remaining work is skipped and the rows say so")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -105,7 +108,8 @@ def _build(name: str, plan: _Plan):  # -> (model, optimizer)
 
     preset = PRESETS[plan.args.preset]
     model = build_transformer(preset, plan.device)
-    options = SetupOptions(_fused_default(plan.args, plan.device), plan.args.compile_backend)
+    options = SetupOptions(_fused_default(plan.args, plan.device), plan.args.compile_backend,
+                           plan.args.compile_dynamic)
     optimizer = CONFIGS[name].setup(model, preset.lora_rank, options)
     return model, optimizer
 

@@ -87,10 +87,18 @@ class FP8StorageLinear(nn.Module):
 
 @dataclass(frozen=True)
 class SetupOptions:
-    """Choices that apply to every recipe: the fused FP8AdamW, and the backend of compiled blocks."""
+    """Choices that apply to every recipe: the fused FP8AdamW, and how the compiled blocks compile.
+
+    ``compile_dynamic`` defaults to True, ai-toolkit's ``compile_dynamic`` default and so the
+    trainer's: one graph serves every resolution (and the inductor cache serves a later run).
+    """
 
     fused_optimizer: bool = False
     compile_backend: str = "inductor"
+    compile_dynamic: bool = True
+
+    def compile_options(self) -> dict[str, object]:
+        return {"backend": self.compile_backend, "dynamic": self.compile_dynamic}
 
 
 def _adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -121,7 +129,7 @@ def prepare_bf16(model: nn.Module, rank: int, options: SetupOptions) -> torch.op
 def prepare_bf16_compiled(model: nn.Module, rank: int, options: SetupOptions) -> torch.optim.Optimizer:
     from coatflux.core.compiled import compile_blocks
 
-    compile_blocks(model, backend=options.compile_backend)
+    compile_blocks(model, **options.compile_options())
     return _adamw(_add_lora(model, rank))
 
 
@@ -149,7 +157,7 @@ def prepare_torchao_compiled(model: nn.Module, rank: int, options: SetupOptions)
     from coatflux.core.compiled import compile_blocks
 
     optimizer = prepare_torchao(model, rank, options)
-    compile_blocks(model, backend=options.compile_backend)
+    compile_blocks(model, **options.compile_options())
     return optimizer
 
 
@@ -159,7 +167,7 @@ def _prepare_coat(model: nn.Module, rank: int, options: SetupOptions, **activati
 
     model.requires_grad_(False)
     trainer = COATTrainer(COATConfig(activation=ActivationConfig(**activation)))
-    apply_coat(model, trainer.config, compile_options={"backend": options.compile_backend})
+    apply_coat(model, trainer.config, compile_options=options.compile_options())
     params = _add_lora(model, rank)
     if options.fused_optimizer:
         from coatflux.kernels.adamw import FusedFP8AdamW
