@@ -29,7 +29,7 @@ def test_tiny_preset_end_to_end_writes_every_row(tmp_path, one_thread):
     start = time.monotonic()
     # one resolution (the preset has two); compiled rows traced, not code-generated
     rc = main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--json", str(js), "--markdown", str(md),
-               "--resolutions", "32", "--compile-backend", "aot_eager"])
+               "--resolutions", "32", "--compile-backend", "aot_eager", "--no-compile-dynamic"])
     assert rc == 0
     assert time.monotonic() - start < 90
     result = json.loads(js.read_text())
@@ -49,6 +49,19 @@ def test_tiny_preset_end_to_end_writes_every_row(tmp_path, one_thread):
     assert {r["config"] for r in rows if r["kind"] == "max batch"} == {"bf16", "coat", "bf16+ckpt", "coat+ckpt"}
     text = md.read_text()
     assert "No GPU run yet" in text and "| coat+ckpt |" in text and "torch " + torch.__version__ in text
+
+
+def test_compiled_configs_compile_as_the_trainer_does_unless_told():
+    import argparse
+
+    from coatflux.bench.cli import add_arguments
+    from coatflux.bench.configs import SetupOptions
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).compile_dynamic is True  # ai-toolkit's compile_dynamic default
+    assert parser.parse_args(["--no-compile-dynamic"]).compile_dynamic is False
+    assert SetupOptions(compile_backend="aot_eager").compile_options() == {"backend": "aot_eager", "dynamic": True}
 
 
 def test_budget_skips_work_and_says_so(tmp_path, one_thread):
