@@ -281,6 +281,23 @@ def test_every_block_of_a_class_runs_one_graph(tiny_base):
     assert all(p.grad is not None for p in params)
 
 
+def test_a_second_coat_model_reuses_the_compiled_graphs(tiny_base):
+    """Dynamo guards on the saved-tensor hooks' identity: equal configs share them, so a rebuilt
+    model (the bench's batch search, a reloaded model) does not compile its blocks again."""
+    from torch._dynamo.utils import counters
+
+    data = make_batch(PRESETS["tiny"], 32, 1, "cpu")
+    counters.clear()
+    graphs = []
+    for _ in range(2):
+        model, _ = _tiny(tiny_base, COMPILED)
+        loss_of(model, data).backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [2, 2]
+    other = SavedTensorCompression(ActivationConfig(compile_blocks=True, group_size=32))
+    assert other.pack_gm is not model.coat_context.compression.pack_gm  # other options, other hooks
+
+
 @pytest.mark.parametrize("case", ["batch-1 view", "batch-2 view", "no grad", "plain"])
 def test_uniform_stream_tensor_keeps_values_and_gradient_flow(case):
     base = torch.randn(2 if case == "batch-2 view" else 1, 12, 8, requires_grad=case != "no grad")

@@ -62,11 +62,8 @@ def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) ->
     compressor = getattr(context, "compressor", None)
     compression = getattr(context, "compression", None)
     if compression is not None:  # compiled blocks: eager parts counted by the hooks, graphs by their nodes
-        compression.meter = meter
-        try:
+        with compression.metering(meter):
             out = run()
-        finally:
-            compression.meter = None
         for root in _tensors(out):
             for saved in compiled_saved_tensors(root):
                 meter.add(saved)

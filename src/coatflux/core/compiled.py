@@ -54,6 +54,8 @@ running with uncompressed activations.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -179,34 +181,59 @@ def _graph_module(fn: Any, **kwargs: Any) -> fx.GraphModule:
     return fx.GraphModule(nn.Module(), graph)
 
 
-class SavedTensorCompression:
-    """The FP8 pack/unpack GraphModules for one model (create once: dynamo guards on their identity).
+# The meter of :meth:`SavedTensorCompression.metering`: scoped to the ``with`` block (and its
+# thread or task), so the hooks themselves can be shared by every model (see below).
+_EAGER_METER: contextvars.ContextVar[Any] = contextvars.ContextVar("coatflux_eager_saved_meter", default=None)
 
-    ``meter``, when set (by :func:`coatflux.core.accounting.saved_activation_bytes`), counts what
-    the eager parts of the model store; the compiled graphs' share is read from the autograd
-    graph (:func:`compiled_saved_tensors`).
+
+def _pack_and_count(t: torch.Tensor, **options: Any) -> tuple[torch.Tensor, ...]:
+    packed = pack(t, **options)
+    meter = _EAGER_METER.get()
+    if meter is not None and _hook_context() is None:
+        for stored in packed:
+            meter.add(stored)
+    return packed
+
+
+@functools.cache
+def _hook_modules(group: int, min_numel: int, keep_attention: bool) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The pack and unpack GraphModules for these options, one pair per process.
+
+    Dynamo guards every compiled graph on the identity of the saved-tensor hooks around it, so
+    each model having its own pair made a second model (the bench's batch search, a rebuilt
+    model) compile every block again. The pair holds no state: it is a function of the options.
+    """
+    options = {"group": group, "min_numel": min_numel, "keep_attention": keep_attention}
+    return _graph_module(_pack_and_count, **options), _graph_module(unpack, group=group)
+
+
+class SavedTensorCompression:
+    """The FP8 pack/unpack hooks for a model's activation config (shared by equal configs).
+
+    :meth:`metering` counts what the eager parts of the model store (used by
+    :func:`coatflux.core.accounting.saved_activation_bytes`); the compiled graphs' share is read
+    from the autograd graph (:func:`compiled_saved_tensors`).
     """
 
     def __init__(self, config: ActivationConfig) -> None:
         self.config = config
-        self.meter: Any = None
-        options = {"group": config.group_size, "min_numel": config.min_saved_numel,
-                   "keep_attention": config.keep_attention_bf16}
-
-        def pack_and_count(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            packed = pack(t, **options)
-            if self.meter is not None and _hook_context() is None:
-                for stored in packed:
-                    self.meter.add(stored)
-            return packed
-
-        self.pack_gm = _graph_module(pack_and_count)
-        self.unpack_gm = _graph_module(unpack, group=config.group_size)
+        self.pack_gm, self.unpack_gm = _hook_modules(config.group_size, config.min_saved_numel,
+                                                     config.keep_attention_bf16)
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         with torch.autograd.graph.saved_tensors_hooks(self.pack_gm, self.unpack_gm):
             yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def metering(meter: Any) -> Iterator[None]:
+        """Within the block, the eager parts' packs add what they store to ``meter``."""
+        token = _EAGER_METER.set(meter)
+        try:
+            yield
+        finally:
+            _EAGER_METER.reset(token)
 
 
 def compiled_saved_tensors(root: torch.Tensor) -> list[torch.Tensor]:
