@@ -280,6 +280,12 @@ def test_every_block_of_a_class_runs_one_graph(tiny_base):
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     assert all(p.grad is not None for p in params)
 
+    torch._dynamo.reset()
+    counters.clear()
+    model.enable_gradient_checkpointing()  # the blocks are called positionally
+    loss_of(model, make_batch(PRESETS["tiny"], 32, 1, "cpu")).backward()
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
 
 def test_a_second_coat_model_reuses_the_compiled_graphs(tiny_base):
     """Dynamo guards on the saved-tensor hooks' identity: equal configs share them, so a rebuilt

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -294,7 +295,8 @@ class UniformStreamInputs:
     difference compiles the whole block a second time: four graphs instead of two, and the
     compile time of COAT's blocks is the largest fixed cost of a run.
 
-    What it does, only while autograd records: a stream input that does not require grad becomes
+    What it does, only while autograd records, whether the block is called with keywords (as
+    diffusers' FLUX does) or positionally (as gradient checkpointing does): a stream input that does not require grad becomes
     a detached leaf that does (its gradient is one input-gradient GEMM per linear of that block,
     about 0.5% of a FLUX step), and a stream input laid out unlike a fresh tensor is made so:
     a view of the same memory when only size-1 dimensions differ (squeeze and unsqueeze), else
@@ -304,6 +306,7 @@ class UniformStreamInputs:
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
+        self._positions: dict[type, dict[int, str]] = {}  # per block class: argument index -> stream name
 
     def attach(self, block: nn.Module) -> None:
         """Register on ``block`` once (idempotent: a second call leaves the first hook)."""
@@ -315,14 +318,26 @@ class UniformStreamInputs:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # Runs before the compiled frame's guards (``nn.Module.compile`` compiles the hooks with
         # the forward; disabled, this hook ends the empty graph before the block's).
-        if not torch.is_grad_enabled() or not any(name in kwargs for name in self.names):
-            return None  # positional calls (gradient checkpointing's) are left as they are
-        kwargs = dict(kwargs)
-        for name in self.names:
-            value = kwargs.get(name)
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                kwargs[name] = uniform_stream_tensor(value)
+        if not torch.is_grad_enabled():
+            return None
+        positions = self._stream_positions(type(module))
+        args = tuple(_uniform(value) if i in positions else value for i, value in enumerate(args))
+        kwargs = {key: _uniform(value) if key in self.names else value for key, value in kwargs.items()}
         return args, kwargs
+
+    def _stream_positions(self, block_class: type) -> dict[int, str]:
+        """Where the stream arguments sit when the block is called positionally (as gradient
+        checkpointing calls it)."""
+        if block_class not in self._positions:
+            parameters = list(inspect.signature(block_class.forward).parameters)[1:]  # without self
+            self._positions[block_class] = {i: name for i, name in enumerate(parameters) if name in self.names}
+        return self._positions[block_class]
+
+
+def _uniform(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return uniform_stream_tensor(value)
+    return value
 
 
 def uniform_stream_tensor(tensor: torch.Tensor) -> torch.Tensor:
