@@ -296,11 +296,11 @@ class UniformStreamInputs:
     compile time of COAT's blocks is the largest fixed cost of a run.
 
     What it does, only while autograd records, whether the block is called with keywords (as
-    diffusers' FLUX does) or positionally (as gradient checkpointing does): a stream input that does not require grad becomes
-    a detached leaf that does (its gradient is one input-gradient GEMM per linear of that block,
-    about 0.5% of a FLUX step), and a stream input laid out unlike a fresh tensor is made so:
-    a view of the same memory when only size-1 dimensions differ (squeeze and unsqueeze), else
-    a contiguous copy. Values are untouched. Chosen against ``torch._dynamo.mark_dynamic`` and
+    diffusers' FLUX does) or positionally (as gradient checkpointing does): a stream input that
+    does not require grad becomes a detached leaf that does (the price: one input-gradient GEMM
+    per linear of the first block of each class, computed and dropped), and a stream input laid
+    out unlike a fresh tensor is made so: a view of the same memory when only size-1 dimensions
+    differ (squeeze and unsqueeze), else a contiguous copy. Values are untouched. Chosen against ``torch._dynamo.mark_dynamic`` and
     ``dynamic=True``, which relax sizes, not strides or ``requires_grad``.
     """
 
