@@ -191,11 +191,14 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
 def write_outputs(report: Report, flops: dict[int, StepFlops], json_path: str | None,
                   markdown_path: str | None) -> None:
     """Write the JSON and markdown atomically: a run killed while writing keeps the previous file."""
-    for path, text in ((json_path, lambda: json.dumps(report.to_json(), indent=2) + "\n"),
-                       (markdown_path, lambda: markdown(report, flops))):
-        if path:
-            content = text()
-            atomic_write(Path(path), lambda tmp, content=content: Path(tmp).write_text(content))
+    if json_path:
+        _write_text(Path(json_path), json.dumps(report.to_json(), indent=2) + "\n")
+    if markdown_path:
+        _write_text(Path(markdown_path), markdown(report, flops))
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def command_line() -> list[str]:

@@ -45,6 +45,10 @@ What we chose against:
   separate pass over memory, and the eager path's weak-keyed caches and hooks would have to be
   made replay-safe.
 
+Two things keep the compile cost to one graph per block class: :class:`UniformStreamInputs`
+gives the first block of each class the input layout the later ones see, and models with equal
+activation configs share one pair of hooks (dynamo guards on the hooks' identity).
+
 Limits: the per-node context is PyTorch's private API (``_get_saved_tensor_hook_context``, "may
 change without backward compatibility"; torch 2.11 and 2.13 have it). :func:`inline_hooks_available`
 checks for it and :func:`~coatflux.core.api.apply_coat` raises when it is missing rather than
@@ -300,13 +304,14 @@ class UniformStreamInputs:
     does not require grad becomes a detached leaf that does (the price: one input-gradient GEMM
     per linear of the first block of each class, computed and dropped), and a stream input laid
     out unlike a fresh tensor is made so: a view of the same memory when only size-1 dimensions
-    differ (squeeze and unsqueeze), else a contiguous copy. Values are untouched. Chosen against ``torch._dynamo.mark_dynamic`` and
-    ``dynamic=True``, which relax sizes, not strides or ``requires_grad``.
+    differ (squeeze and unsqueeze), else a contiguous copy. Values are untouched. Chosen against
+    ``torch._dynamo.mark_dynamic`` and ``dynamic=True``, which relax sizes, not strides or
+    ``requires_grad``.
     """
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
-        self._positions: dict[type, dict[int, str]] = {}  # per block class: argument index -> stream name
+        self._positions: dict[type, frozenset[int]] = {}  # per block class: indices of the stream arguments
 
     def attach(self, block: nn.Module) -> None:
         """Register on ``block`` once (idempotent: a second call leaves the first hook)."""
@@ -325,12 +330,12 @@ class UniformStreamInputs:
         kwargs = {key: _uniform(value) if key in self.names else value for key, value in kwargs.items()}
         return args, kwargs
 
-    def _stream_positions(self, block_class: type) -> dict[int, str]:
+    def _stream_positions(self, block_class: type) -> frozenset[int]:
         """Where the stream arguments sit when the block is called positionally (as gradient
         checkpointing calls it)."""
         if block_class not in self._positions:
             parameters = list(inspect.signature(block_class.forward).parameters)[1:]  # without self
-            self._positions[block_class] = {i: name for i, name in enumerate(parameters) if name in self.names}
+            self._positions[block_class] = frozenset(i for i, name in enumerate(parameters) if name in self.names)
         return self._positions[block_class]
 
 
