@@ -5,8 +5,9 @@ FLUX model of the preset's block shapes but only ``--double``/``--single`` block
 depends on the block graphs, not on how many blocks reuse them), one first step (dynamo +
 AOTAutograd + inductor + kernel compilation) and ``--steps`` more, timed. Prints the first-step
 time, the median later step, the kernels inductor generated, dynamo's compile-time breakdown
-(its largest entries) and the machine. ``--stack-after S`` dumps every thread's stack if a
-config is still running after S seconds (where a slow compile spends its time).
+(its largest entries), the times dynamo restarted a trace, and the machine. ``--stack-after S``
+dumps every thread's stack if a config is still running after S seconds (where a slow compile
+spends its time).
 
 Usage: ``python benchmarks/compile_time.py [--preset tiny] [--resolution 32]
 [--configs bf16-compiled coat-compiled] [--double 1] [--single 1] [--steps 3] [--stack-after 0]``.
@@ -59,6 +60,13 @@ def _cache_counters() -> str:
     return ", ".join(f"{key} {value}" for key, value in sorted(found.items())) or "none recorded"
 
 
+def _restarts() -> str:
+    from torch._dynamo.utils import get_compilation_metrics
+
+    reasons = [reason for metrics in get_compilation_metrics() for reason in (metrics.restart_reasons or ())]
+    return f"{len(reasons)} ({'; '.join(sorted(set(reasons)))})" if reasons else "0"
+
+
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> None:
     from torch._inductor import metrics
 
@@ -67,6 +75,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> None:
                                                    num_single_layers=args.single))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    torch._dynamo.utils.clear_compilation_metrics()
     metrics.reset()
     if args.stack_after > 0:
         faulthandler.dump_traceback_later(args.stack_after, exit=False, file=sys.stderr)
@@ -79,7 +88,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> None:
     print(f"{name}: first step {first:.1f} s, later steps {statistics.median(later) * 1e3:.1f} ms (median of "
           f"{len(later)}), {metrics.generated_kernel_count} kernels generated", flush=True)
     print(f"  compile time, largest entries: {_top_compile_times(8)}", flush=True)
-    print(f"  caches: {_cache_counters()}", flush=True)
+    print(f"  caches: {_cache_counters()}; dynamo restarts: {_restarts()}", flush=True)
     del model, optimizer
 
 

@@ -270,21 +270,53 @@ def test_compiled_blocks_train_like_eager_coat_with_and_without_checkpointing(ti
 def test_every_block_of_a_class_runs_one_graph(tiny_base):
     """The first double block (inputs without grad) and the first single block (contiguous inputs,
     where later ones get views) would each compile a second graph; the stream inputs are made uniform."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
 
     model, params = _tiny(tiny_base, None)
     compile_blocks(model, backend="aot_eager", dynamic=True)
     counters.clear()
+    clear_compilation_metrics()
     for resolution in (32, 64):  # with dynamic shapes a second resolution reuses the graphs
         loss_of(model, make_batch(PRESETS["tiny"], resolution, 1, "cpu")).backward()
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     assert all(p.grad is not None for p in params)
+    # traced once each: the norms' eps and the LoRA scale are constants, not symbolic floats
+    assert [m.restart_reasons for m in get_compilation_metrics() if m.restart_reasons] == []
 
     torch._dynamo.reset()
     counters.clear()
     model.enable_gradient_checkpointing()  # the blocks are called positionally
     loss_of(model, make_batch(PRESETS["tiny"], 32, 1, "cpu")).backward()
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+class _ScaledNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.eps, self.scale = 1e-6, 2.0
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(hidden_states, hidden_states.shape[-1:], eps=self.eps) * self.scale
+
+
+def test_a_compiled_block_takes_its_floats_as_guarded_constants():
+    """No second trace for the floats, and a changed float is a recompile, not a stale constant."""
+    from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
+
+    model = nn.Sequential(_ScaledNorm())
+    compile_blocks(model, block_classes=["_ScaledNorm"], backend="aot_eager", dynamic=True)
+    counters.clear()
+    clear_compilation_metrics()
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(model(x), model[0].forward(x))
+    y = torch.randn(3, 7, 8)
+    torch.testing.assert_close(model(y), model[0].forward(y))
+    assert counters["stats"]["unique_graphs"] == 1  # another length reuses the graph
+    model[0].scale = 3.0
+    torch.testing.assert_close(model(x), model[0].forward(x))
+    assert counters["stats"]["unique_graphs"] == 2
+    assert [m.restart_reasons for m in get_compilation_metrics() if m.restart_reasons] == []
+    assert not torch._dynamo.config.specialize_float  # the patch lasted for the calls only
 
 
 def test_a_second_coat_model_reuses_the_compiled_graphs(tiny_base):

@@ -285,8 +285,24 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
     for name in names:
         block = model.get_submodule(name)
         uniform.attach(block)
-        block.compile(**compile_kwargs)
+        compile_module(block, **compile_kwargs)
     return names
+
+
+def compile_module(module: nn.Module, **compile_kwargs: Any) -> None:
+    """``module.compile(**compile_kwargs)``, tracing every Python float it reads as a constant.
+
+    Why: with dynamic shapes (``dynamic=True``, ai-toolkit's ``compile_dynamic`` default) dynamo
+    first traces a module's Python floats -- the norms' ``eps``, dropout's ``p``, the LoRA scale --
+    as symbolic inputs, finds after the whole trace that the operators need them as numbers, and
+    traces the module a second time with them fixed. Those floats are constants of the model, so
+    they are taken as constants from the start (a changed value fails a guard and recompiles, as
+    any constant does); sizes stay dynamic. Dynamo's config patch is thread-local and lasts for
+    each call only. It wraps the callable that ``nn.Module.compile`` keeps on the module: this is
+    the one place that slot is touched.
+    """
+    module.compile(**compile_kwargs)
+    module._compiled_call_impl = torch._dynamo.config.patch(specialize_float=True)(module._compiled_call_impl)
 
 
 class UniformStreamInputs:

@@ -96,13 +96,13 @@ def _convert_and_compile(transformer: nn.Module, cfg: TrainJobConfig, device: to
 
 def _compile_plain(transformer: nn.Module, cfg: TrainJobConfig) -> None:
     """ai-toolkit's ``compile`` without COAT: per block with ``block_compile``, else the whole model."""
-    from coatflux.core.compiled import compile_blocks
+    from coatflux.core.compiled import compile_blocks, compile_module
 
     if cfg.model.block_compile:
         names = compile_blocks(transformer, **_compile_options(cfg))
         logger.info("model.block_compile: %d transformer blocks compiled", len(names))
     else:
-        transformer.compile(**_compile_options(cfg))
+        compile_module(transformer, **_compile_options(cfg))
         logger.info("model.compile: the whole transformer compiled")
 
 
