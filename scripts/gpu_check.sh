@@ -5,7 +5,8 @@
 # safetensors and huggingface_hub but not diffusers: the wheels listed in scripts/gpu_wheels.txt
 # travel in .whl/. Files land in $OUT (default /tmp/coatflux_out), six of them: env.txt,
 # bench.{log,json}, benchmarks.md, gpu_tests.log, trainer_cuda.log.
-# Copy $OUT/benchmarks.md to docs/benchmarks.md as it is.
+# Copy $OUT/benchmarks.md to docs/benchmarks.md as it is (and bench.json to docs/bench-<card>.json, from
+# which `coatflux bench --render` writes it again in a later layout).
 #
 # Order and bounds: the bench first, so that a cut run still has its table. One bench run, config by
 # config (--order config): each config's model runs 1024 px then 512 px, and a compiled config compiles

@@ -125,3 +125,61 @@ def test_resolution_order_measures_every_config_at_one_resolution_first(tmp_path
     assert [(r["config"], r["resolution"]) for r in rows] == [
         ("bf16", 32), ("fp8-storage", 32), ("bf16", 64), ("fp8-storage", 64)]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def _saved_report(path, rows):
+    from coatflux.bench.measure import MatmulRates
+    from coatflux.bench.report import Report, Row
+
+    env = {"date": "2026-01-02 03:04 UTC", "device": "cuda", "preset": "tiny", "torch": "9.9", "cuda": "13.0",
+           "python": "3.12", "platform": "Linux", "command": "coatflux bench --preset tiny", "card": "Some GPU",
+           "memory_gb": 80.0, "capability": "9.0", "driver": "1.2.3", "attention": "flash"}
+    report = Report(env, MatmulRates(size=256, bf16=1e12, fp8=2e12, fp8_note=""), [Row(**row) for row in rows],
+                    ["whole run took 5 s"])
+    path.write_text(json.dumps(report.to_json()), encoding="utf-8")
+
+
+def test_render_writes_a_saved_run_with_what_it_did_not_measure(tmp_path):
+    from coatflux.cli import main
+
+    saved, md = tmp_path / "run.json", tmp_path / "benchmarks.md"
+    _saved_report(saved, [{"config": "bf16", "resolution": 64, "batch": 1, "kind": "batch 1", "step_s": 0.123456,
+                           "steps": 10, "peak_gb": 1.5, "speedup": 1.0},
+                          {"config": "coat", "resolution": 64, "batch": 1, "kind": "batch 1", "step_s": 0.2,
+                           "steps": 10, "peak_gb": 0.75, "speedup": 0.62}])
+    assert main(["bench", "--render", str(saved), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "| bf16 | 64 | 1 | 0.123 (n=10) |" in text and "| coat | 64 | 1 | 0.200 (n=10) |" in text
+    assert "- card: Some GPU" in text and "- date: 2026-01-02 03:04 UTC" in text  # the run's, not today's
+    assert "- rendered from run.json on " in text
+    absent = text.split("Not in this run, so not measured on this card:")[1].split("FLOPs per")[0]
+    assert "`coat-compiled`" in absent and "`bf16`" not in absent and "`coat`:" not in absent
+    assert json.loads(saved.read_text())["rows"][0]["step_s"] == 0.123456  # the input is left as it was
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "No such file"),
+    ("{not json", "not JSON"),
+    ('{"rows": []}', "not a coatflux bench JSON report"),
+    ('{"environment": {"preset": "flux-xl"}, "rates": null, "rows": []}', "environment.preset 'flux-xl'"),
+])
+def test_render_names_the_file_it_cannot_read(tmp_path, capsys, content, message):
+    from coatflux.cli import main
+
+    saved = tmp_path / "run.json"
+    if content is not None:
+        saved.write_text(content, encoding="utf-8")
+    assert main(["bench", "--render", str(saved), "--markdown", str(tmp_path / "b.md")]) == 2
+    err = capsys.readouterr().err
+    assert "run.json" in err and message in err, err
+    assert not (tmp_path / "b.md").exists()
+
+
+def test_render_needs_a_markdown_path_and_no_json(tmp_path, capsys):
+    from coatflux.cli import main
+
+    saved = tmp_path / "run.json"
+    _saved_report(saved, [])
+    assert main(["bench", "--render", str(saved)]) == 2
+    assert main(["bench", "--render", str(saved), "--markdown", str(tmp_path / "b.md"), "--json", str(saved)]) == 2
+    assert "--render: give --markdown" in capsys.readouterr().err

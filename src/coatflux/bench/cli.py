@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", dest="markdown_path", default=None,
                         help="write docs/benchmarks.md-style markdown here")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="measure nothing: write the markdown (--markdown) of a run's JSON report with this "
+                             "version's layout, e.g. to list the configurations that run did not have")
 
 
 @dataclass
@@ -337,8 +340,38 @@ def _label_max_batches(rows: list) -> None:
 def run(args: argparse.Namespace) -> int:
     from coatflux.flux.attention import attention_policy
 
+    if getattr(args, "render", None):
+        return _render(args)
     with attention_policy(getattr(args, "allow_cudnn_attention", False)):
         return _run(args)
+
+
+def _render(args: argparse.Namespace) -> int:
+    """``--render``: a saved JSON report as markdown; the figures are the run's, untouched."""
+    import json
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from coatflux.bench.model import PRESETS, count_step_flops
+    from coatflux.bench.report import Report, command_line, table, write_outputs
+
+    if not args.markdown_path or args.json_path:
+        raise ValueError("--render: give --markdown (where to write) and no --json (the JSON is the input)")
+    source = Path(args.render)
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not JSON ({err})") from err
+    report = Report.from_json(data, str(source))
+    preset = report.environment.get("preset")
+    if preset not in PRESETS:
+        raise ValueError(f"{source}: environment.preset {preset!r} is not one of {', '.join(sorted(PRESETS))}")
+    flops = {res: count_step_flops(PRESETS[preset], res) for res in sorted({row.resolution for row in report.rows})}
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report.environment["rendered"] = f"rendered from {source.name} on {date} by `{' '.join(command_line())}`"
+    print(table(report.rows))
+    write_outputs(report, flops, None, args.markdown_path)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -76,6 +76,16 @@ class Report:
         return {"environment": self.environment, "rates": asdict(self.rates) if self.rates else None,
                 "rows": [asdict(r) for r in self.rows], "notes": self.notes}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str) -> Report:
+        """The report a run wrote with :meth:`to_json`; ``source`` names the file in errors."""
+        try:
+            rates = MatmulRates(**data["rates"]) if data.get("rates") else None
+            rows = [Row(**row) for row in data["rows"]]
+            return cls(dict(data["environment"]), rates, rows, list(data.get("notes", [])))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{source}: not a coatflux bench JSON report ({type(err).__name__}: {err})") from err
+
 
 def environment(device: torch.device, preset: str, argv: list[str]) -> dict[str, Any]:
     """Card, driver, versions, date and command line of this run."""
@@ -162,8 +172,14 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
             f"- date: {env['date']}",
             f"- command: `{env['command']}`",
             f"- measured matmul rates: {_rates_line(report.rates)}",
-            f"- attention (SDPA) backends: {env.get('attention', 'not recorded')}", "",
-            "## Results", "", table(report.rows), ""]
+            f"- attention (SDPA) backends: {env.get('attention', 'not recorded')}"]
+    if env.get("rendered"):
+        out += [f"- {env['rendered']}"]
+    out += ["", "## Results", "", table(report.rows), ""]
+    absent = not_in_run(report.rows)
+    if absent:
+        out += ["Not in this run, so not measured on this card:", ""]
+        out += [f"- `{name}`: {description}" for name, description in absent] + [""]
     out += ["FLOPs per training step at batch 1 (LoRA, no recomputation): " + ", ".join(
         f"{res}px {f.total / 1e12:.3g} TFLOP ({f.attention / f.total:.0%} attention)" for res, f in sorted(flops.items()))
         + ".", ""]
@@ -186,6 +202,14 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
             "- Every recipe trains the same rank-16 LoRA (fp32 weights, multiplied in bf16) on ai-toolkit's targets; the model has "
             "random weights (timing and memory depend on shapes only). No figure here is estimated.", ""]
     return "\n".join(out)
+
+
+def not_in_run(rows: list[Row]) -> list[tuple[str, str]]:
+    """The bench's configurations (name, description) that have no row in ``rows``."""
+    from coatflux.bench.configs import CONFIGS
+
+    present = {row.config for row in rows}
+    return [(name, config.description) for name, config in CONFIGS.items() if name not in present]
 
 
 def write_outputs(report: Report, flops: dict[int, StepFlops], json_path: str | None,
