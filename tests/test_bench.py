@@ -146,10 +146,13 @@ def test_render_writes_a_saved_run_with_what_it_did_not_measure(tmp_path):
     _saved_report(saved, [{"config": "bf16", "resolution": 64, "batch": 1, "kind": "batch 1", "step_s": 0.123456,
                            "steps": 10, "peak_gb": 1.5, "speedup": 1.0},
                           {"config": "coat", "resolution": 64, "batch": 1, "kind": "batch 1", "step_s": 0.2,
-                           "steps": 10, "peak_gb": 0.75, "speedup": 0.62}])
+                           "steps": 10, "peak_gb": 0.75, "speedup": 0.62},
+                          {"config": "coat", "resolution": 64, "batch": 4, "kind": "max batch", "step_s": 0.5,
+                           "steps": 3, "max_batch": "4"}])
     assert main(["bench", "--render", str(saved), "--markdown", str(md)]) == 0
     text = md.read_text()
     assert "| bf16 | 64 | 1 | 0.123 (n=10) |" in text and "| coat | 64 | 1 | 0.200 (n=10) |" in text
+    assert "| coat, largest batch | 64 | 4 | 0.500 (n=3) |" in text
     assert "- card: Some GPU" in text and "- date: 2026-01-02 03:04 UTC" in text  # the run's, not today's
     assert "- rendered from run.json on " in text
     absent = text.split("Not in this run, so not measured on this card:")[1].split("FLOPs per")[0]

@@ -137,8 +137,9 @@ def table(rows: list[Row]) -> str:
     lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     for r in rows:
         step = r.status if r.status != "ok" else f"{_num(r.step_s, '.3f')} (n={r.steps})"
+        name = r.config if r.kind == "batch 1" else f"{r.config}, largest batch"
         lines.append(
-            f"| {r.config} | {r.resolution} | {r.batch if r.batch is not None else '-'} | {step} | "
+            f"| {name} | {r.resolution} | {r.batch if r.batch is not None else '-'} | {step} | "
             f"{_num(r.optimizer_s, '.3f', '-')} | {_num(r.first_step_s, '.1f', '-')} | {_num(r.peak_gb, '.1f')} | "
             f"{r.max_batch or '-'} | "
             f"{_pct(r.floor_bf16)} · {_pct(r.floor_fp8)} | {_num(r.speedup, '.2f', '-')}x | "
