@@ -47,7 +47,8 @@ What we chose against:
 
 Two things keep the compile cost to one graph per block class: :class:`UniformStreamInputs`
 gives the first block of each class the input layout the later ones see, and models with equal
-activation configs share one pair of hooks (dynamo guards on the hooks' identity).
+activation configs share one pair of hooks (dynamo guards on the hooks' identity). And
+:func:`compile_module` has each graph traced once, not twice, under dynamic shapes.
 
 Limits: the per-node context is PyTorch's private API (``_get_saved_tensor_hook_context``, "may
 change without backward compatibility"; torch 2.11 and 2.13 have it). :func:`inline_hooks_available`
