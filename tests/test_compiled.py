@@ -290,6 +290,26 @@ def test_every_block_of_a_class_runs_one_graph(tiny_base):
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
 
 
+def test_compiled_coat_reuses_its_graphs_across_resolutions_and_batches(tiny_base):
+    """With dynamic shapes, a new token count or batch must not compile the blocks again. Two size
+    tests did: which saved tensors to compress (against ``min_saved_numel``) and the per-tensor
+    scale's count of maximum blocks (one block is a size of 1, which dynamo specializes)."""
+    from torch._dynamo.utils import counters
+
+    model = copy.deepcopy(tiny_base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_coat(model, COMPILED, compile_options={"backend": "aot_eager", "dynamic": True})
+    inject_lora(model, 16, 16.0, find_lora_targets(model))
+    counters.clear()
+    graphs = []
+    for resolution, batch in ((32, 1), (64, 1), (32, 2), (64, 2), (32, 4)):
+        loss_of(model, make_batch(PRESETS["tiny"], resolution, batch, "cpu")).backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    # dynamo always specializes a size of 1: leaving batch 1 compiles each block class once more
+    assert graphs == [2, 2, 4, 4, 4] and not counters["graph_break"]
+
+
 class _ScaledNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -63,6 +63,7 @@ import contextvars
 import functools
 import inspect
 import operator
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -141,9 +142,22 @@ def touches_attention(node: fx.Node | None) -> bool:
 
 
 def _compressible(t: torch.Tensor, group: int, min_numel: int) -> bool:
-    if not t.is_floating_point() or t.element_size() == 1 or t.dim() == 0:
+    if not t.is_floating_point() or t.element_size() == 1 or t.dim() == 0 or t.shape[-1] % group:
         return False
-    return t.shape[-1] % group == 0 and t.numel() >= max(min_numel, 1)
+    return _unguarded_value(t.numel()) >= max(min_numel, 1)
+
+
+def _unguarded_value(size: int | torch.SymInt) -> int:
+    """A size as traced, without a guard on it: under dynamic shapes, its value at the first call.
+
+    Whether to compress is a choice per saved tensor, correct either way; comparing a symbolic
+    size would make the comparison a guard of the graph, and a batch or resolution on its other
+    side would compile the block again. An unbacked size (no value known) counts as large.
+    """
+    if isinstance(size, int):
+        return size
+    hint = size.node.hint
+    return int(hint) if hint is not None else sys.maxsize
 
 
 def pack(t: torch.Tensor, *, group: int, min_numel: int, keep_attention: bool) -> tuple[torch.Tensor, ...]:

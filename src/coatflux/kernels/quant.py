@@ -177,8 +177,10 @@ AMAX_BLOCK = 4096  # elements per partial maximum of a per-tensor scale
 
 def _quantize_tensor(flat: torch.Tensor, fmt_max: torch.Tensor | float,
                      fmt: FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
-    # zero padding cannot raise a maximum of absolute values, so the result is the reference's
-    blocks = torch.nn.functional.pad(flat, (0, (-flat.shape[0]) % AMAX_BLOCK)).reshape(-1, AMAX_BLOCK)
+    # Zero padding cannot raise a maximum of absolute values, so the result is the reference's.
+    # Padded to an even number of blocks: a single block would be a size of 1, which a graph
+    # with dynamic shapes specializes on, so a larger tensor later would compile it again.
+    blocks = torch.nn.functional.pad(flat, (0, (-flat.shape[0]) % (2 * AMAX_BLOCK))).reshape(-1, AMAX_BLOCK)
     amax = _finite_abs(blocks).amax(dim=1).amax()
     scale = amax / fmt_max
     scale = torch.where((amax > 0) & (scale > 0), scale, torch.ones_like(scale))  # as scale_from_amax
