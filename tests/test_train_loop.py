@@ -229,7 +229,7 @@ def test_training_runs_without_cudnn_attention_unless_asked(tmp_path: Path, tiny
 
 
 @pytest.mark.parametrize("coat", [pytest.param(True, marks=pytest.mark.slow), False])  # ~60 s: dynamic shapes
-def test_ai_toolkit_block_compile_compiles_the_blocks(tmp_path: Path, tiny_flux_dir: Path, monkeypatch,
+def test_ai_toolkit_block_compile_compiles_the_blocks(tmp_path: Path, tiny_flux_dir: Path, monkeypatch, capsys,
                                                       coat: bool) -> None:
     """``model.compile`` + ``block_compile``: COAT's compiled blocks, or plain per-block compile without COAT.
 
@@ -255,4 +255,7 @@ def test_ai_toolkit_block_compile_compiles_the_blocks(tmp_path: Path, tiny_flux_
     result = run_job(tmp_path, job)
     assert calls == [{"mode": "default", "dynamic": coat, "fullgraph": False}]
     assert result.steps == 2 and result.lora_path.is_file()
+    out = capsys.readouterr().out
+    assert "The first step compiles the transformer blocks" in out  # the user knows why it is slow
+    assert out.count("compilation included") == 1
     assert all(torch.isfinite(t).all() for t in read_lora(result.lora_path)[0].values())

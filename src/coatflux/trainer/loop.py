@@ -343,6 +343,10 @@ class _Loop:
             _say(runtime, f"{runtime.world_size} processes, global batch {self.samples_per_step} "
                           f"(batch {self.cfg.train.batch_size} x accumulation {self.cfg.train.gradient_accumulation} "
                           f"x {runtime.world_size})")
+        compiled = self.cfg.model.compile or self.cfg.coat.activation.compile_blocks
+        if compiled and state.step < total:
+            _say(runtime, "The first step compiles the transformer blocks (torch.compile): minutes on a GPU. "
+                          "Later steps reuse the graphs (a batch size that first leaves 1 compiles once more).")
         bar = tqdm(total=total, initial=state.step, desc=self.cfg.name, unit="step", disable=not runtime.is_main)
         try:
             with StopSignals() as signals:
@@ -351,6 +355,8 @@ class _Loop:
                     loss = self._guarded_step(state, stream)
                     state.step += 1
                     state.losses.append(loss)
+                    if compiled and len(state.losses) == 1:
+                        _say(runtime, f"First step: {time.perf_counter() - started:.1f} s, compilation included")
                     self._log(state, loss, time.perf_counter() - started, bar)
                     self._periodic(state, sampler)
                     if runtime.any(signals.received is not None) and state.step < total:
