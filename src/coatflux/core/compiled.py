@@ -26,8 +26,9 @@ time and costs nothing at run time:
 
 * tensors that scaled-dot-product attention saves or that feed it through views and element-wise
   ops (q, k, v, its output and log-sum-exp) stay as they are, as COAT keeps attention in bf16;
-* FP8 and integer tensors, tensors below ``min_saved_numel`` elements and tensors whose last
-  dimension is not a multiple of the group (per-row norm statistics) stay as they are;
+* FP8 and integer tensors, tensors below ``min_saved_numel`` elements (at the sizes first traced:
+  the test is not a guard, so another batch or resolution reuses the graph) and tensors whose
+  last dimension is not a multiple of the group (per-row norm statistics) stay as they are;
 * everything else is stored in FP8 per group.
 
 Outside the compiled blocks (FLUX's embedders, final norm and projection) the same GraphModules
