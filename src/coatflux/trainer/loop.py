@@ -355,9 +355,10 @@ class _Loop:
                     loss = self._guarded_step(state, stream)
                     state.step += 1
                     state.losses.append(loss)
+                    seconds = time.perf_counter() - started
                     if compiled and len(state.losses) == 1:
-                        _say(runtime, f"First step: {time.perf_counter() - started:.1f} s, compilation included")
-                    self._log(state, loss, time.perf_counter() - started, bar)
+                        _say(runtime, f"First step: {seconds:.1f} s, compilation included")
+                    self._log(state, loss, seconds, bar)
                     self._periodic(state, sampler)
                     if runtime.any(signals.received is not None) and state.step < total:
                         return self._stop(state, signals.received)
