@@ -46,14 +46,16 @@ pytestmark = [
 #: line 46, ``torch.cuda.get_device_properties(torch.cuda.current_device())``, reached at import by
 #: the ``@triton.autotune(configs=triton_autotune_configs())`` on line 174 -- so on a host without
 #: CUDA ``run.py`` dies before it reads any config, whatever ``device:`` says. On such a host only,
-#: those two queries get stand-ins (a warp size of 32, the value that code defaults to); nothing else
+#: those two queries get stand-ins (a warp size of 32, the value that code defaults to, and a device
+#: name, which inductor's cache key reads from the same query on a CUDA build of torch); nothing else
 #: changes, and with CUDA present ai-toolkit runs exactly as it is.
 PRELUDE = """\
 import runpy, sys, types
 import torch
 if not torch.cuda.is_available():
     torch.cuda.current_device = lambda: 0
-    torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(warp_size=32)
+    torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(
+        warp_size=32, name='no CUDA device')
 """
 
 
@@ -115,7 +117,7 @@ config:
         lr: 1e-3
         dtype: fp32
         disable_sampling: true
-      model: {{name_or_path: {model}, is_flux: true, quantize: {quantize}}}
+      model: {{name_or_path: {model}, is_flux: true, quantize: {quantize}{model_extra}}}
       coat:
         # min_quantized_numel 0: the tiny model's LoRA tensors (128 elements) would otherwise keep
         # fp32 moments, and optimizer.pt would hold no FP8 state to reload.
@@ -143,11 +145,12 @@ def model_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 
 
 def _train(tmp_path: Path, inputs: tuple[Path, Path], steps: int, process: str = "coat_sd_trainer",
-           quantize: bool = False) -> str:
+           quantize: bool = False, model_extra: str = "") -> str:
     model, data = inputs
     config = tmp_path / f"{process}_{steps}.yaml"
     config.write_text(CONFIG.format(process=process, out=tmp_path / "output", device=DEVICE, data=data,
-                                    model=model, steps=steps, quantize=str(quantize).lower()))
+                                    model=model, steps=steps, quantize=str(quantize).lower(),
+                                    model_extra=model_extra))
     # why run.py through runpy: the same file and entry point as `python run.py CONFIG`, after PRELUDE
     result = _run("sys.argv[0] = 'run.py'; runpy.run_path('run.py', run_name='__main__')", str(config))
     log = result.stdout + result.stderr
@@ -219,3 +222,16 @@ def test_diffusion_trainer_with_quanto_base(installed: Path, tmp_path: Path,
     run_dir = tmp_path / "output" / "coat_tiny"
     assert (run_dir / "coat_tiny.safetensors").exists() and (run_dir / "optimizer.pt").exists()
     assert _lora_file(run_dir / "coat_tiny.safetensors")[1]["step"] == 2
+
+
+@pytest.mark.slow
+def test_aitoolkit_compile_runs_coat_compiled_blocks(installed: Path, tmp_path: Path,
+                                                     model_and_data: tuple[Path, Path]) -> None:
+    """ai-toolkit's own ``model.compile`` with COAT: coatflux compiles the blocks, the LoRA trains."""
+    log = _train(tmp_path, model_and_data, steps=2, model_extra=", compile: true, block_compile: true")
+    assert "coatflux compiles each transformer block with COAT inside it" in log
+    assert "compiled 4 transformer blocks with COAT inside them" in log
+    assert "Compiled " not in log and "Failed to compile" not in log  # ai-toolkit's compile stayed off
+    _, info, lora_b = _lora_file(tmp_path / "output" / "coat_tiny" / "coat_tiny.safetensors")
+    assert info["step"] == 2
+    assert lora_b > 0, "lora_B starts at zero: the LoRA did not train through the compiled blocks"

@@ -253,6 +253,7 @@ class FakeSDTrainer:
     """The slice of BaseSDTrainProcess/SDTrainer the mixin touches."""
 
     def __init__(self, process_id, job, config, **kwargs):
+        self.process_id = process_id
         train = config.get("train", {})
         self.train_config = types.SimpleNamespace(optimizer=train.get("optimizer", "adamw"),
                                                   optimizer_params=train.get("optimizer_params", {}))
@@ -289,7 +290,7 @@ def _identity_converter(linear: nn.Linear) -> nn.Module:
 
 
 def test_process_class_reads_coat_block_and_routes_optimizer(patched_training_module, monkeypatch) -> None:
-    monkeypatch.setattr(processes, "coat_linear_converter", lambda transformer, config: _identity_converter)
+    monkeypatch.setattr(processes, "coat_linear_converter", lambda transformer, config, options: _identity_converter)
     cls = processes.make_coat_process_class(FakeDiffusionTrainer, "COATDiffusionTrainer")
     config = {"train": {"optimizer": "coat_fp8_adamw"},
               "coat": {"optimizer": {"m1_format": "e5m2"}, "include": ["2."]}}
@@ -309,10 +310,47 @@ def test_process_class_rejects_bad_coat_block_with_its_path(patched_training_mod
         cls(0, None, {"coat": {"optimizr": {}}})
 
 
-def test_process_class_refuses_compiled_blocks_with_the_key(patched_training_module) -> None:
+def _compile_run(monkeypatch: pytest.MonkeyPatch, coat: dict, repeated_blocks: list[str] | None,
+                 **model_config: object) -> tuple[object, list]:
+    """A process whose hook ran with a recording converter; returns it and the converter's calls."""
+    calls = []
+
+    def converter(transformer, config, options):
+        calls.append((config, options))
+        transformer.coat_context = types.SimpleNamespace(compiled_blocks=["0"])
+        return _identity_converter
+
+    monkeypatch.setattr(processes, "coat_linear_converter", converter)
     cls = processes.make_coat_process_class(FakeSDTrainer, "COATSDTrainer")
-    with pytest.raises(ConfigError, match=r"config\.process\[0\]\.coat\.activation\.compile_blocks: not supported"):
-        cls(0, None, {"coat": {"activation": {"compile_blocks": True}}})
+    proc = cls(0, None, {"coat": coat})
+    proc.model_config.__dict__.update(model_config)
+    proc.sd.unet._repeated_blocks = repeated_blocks
+    proc.hook_add_extra_train_params([])
+    return proc, calls
+
+
+def test_aitoolkit_model_compile_becomes_coat_compiled_blocks(patched_training_module, monkeypatch, capsys) -> None:
+    proc, calls = _compile_run(monkeypatch, {}, ["Sequential"], compile=True, compile_mode="default",
+                               compile_dynamic=False, compile_fullgraph=True)
+    (config, options), = calls
+    assert config.activation.compile_blocks is True
+    assert options == {"mode": "default", "dynamic": False, "fullgraph": True}
+    assert proc.model_config.compile is False  # ai-toolkit's own compile would wrap the blocks again
+    assert "compiled 1 transformer blocks with COAT inside them" in capsys.readouterr().out
+
+
+def test_coat_compile_blocks_keeps_aitoolkit_compile_settings_and_defaults(patched_training_module, monkeypatch) -> None:
+    _, calls = _compile_run(monkeypatch, {"activation": {"compile_blocks": True}}, ["Sequential"])
+    (config, options), = calls
+    assert config.activation.compile_blocks is True
+    assert options == {"mode": "default", "dynamic": True, "fullgraph": False}  # ai-toolkit's defaults
+
+
+def test_compiled_blocks_need_repeated_blocks_and_the_error_names_the_key(patched_training_module, monkeypatch) -> None:
+    with pytest.raises(ConfigError, match=r"config\.process\[0\]\.coat\.activation\.compile_blocks: Sequential"):
+        _compile_run(monkeypatch, {"activation": {"compile_blocks": True}}, None)
+    with pytest.raises(ConfigError, match=r"config\.process\[0\]\.model\.compile: Sequential lists no repeated"):
+        _compile_run(monkeypatch, {}, None, compile=True)
 
 
 def test_compose_keeps_lora_output_and_gradients() -> None:

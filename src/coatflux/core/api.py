@@ -58,8 +58,21 @@ class COATContext:
     attention_modules: int = 0  # modules that open the compressor's attention scope themselves
     compression: SavedTensorCompression | None = None  # compiled blocks' inlined saved-tensor hooks
     compiled_blocks: list[str] = field(default_factory=list)
+    planner: GemmPlanner | None = None  # per-shape FP8-or-not decisions of the eager GEMMs
+    fp8_gemm_in_graph: bool = False  # compiled blocks multiply on FP8 tensor cores
     _stacks: list[contextlib.ExitStack] = field(default_factory=list)
     _scopes: list[contextlib.AbstractContextManager] = field(default_factory=list)
+
+    def fp8_linear(self, linear: nn.Linear, trainable: bool | None = None) -> FP8Linear:
+        """``linear`` as an :class:`FP8Linear` that shares this model's input cache and GEMM choices.
+
+        :func:`apply_coat` converts the model's own linears with it; an integration that keeps a
+        base linear outside the module tree (ai-toolkit's LoRA) converts that one with it too.
+        """
+        layer = FP8Linear.from_linear(linear, self.config.activation, self.input_cache, trainable)
+        layer.planner = self.planner
+        layer.fp8_gemm_in_graph = self.fp8_gemm_in_graph
+        return layer
 
     def enter(self, module: nn.Module, args: Any) -> None:
         stack = contextlib.ExitStack()
@@ -95,16 +108,20 @@ def _float8_available() -> bool:
     return hasattr(torch, "float8_e4m3fn") and hasattr(torch, "float8_e5m2")
 
 
-def _convert_linears(model: nn.Module, config: COATConfig, cache: InputCache) -> list[str]:
+def _new_context(config: COATConfig, **parts: Any) -> COATContext:
     planner = GemmPlanner() if config.activation.gemm_autotune else None
+    return COATContext(config, parts.pop("compressor", None), parts.pop("input_cache", None) or InputCache(),
+                       planner=planner, **parts)
+
+
+def _convert_linears(model: nn.Module, context: COATContext) -> list[str]:
+    config = context.config
     converted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and _matches(full, config.include, config.exclude):
-                layer = FP8Linear.from_linear(child, config.activation, cache)
-                layer.planner = planner
-                setattr(module, child_name, layer)
+                setattr(module, child_name, context.fp8_linear(child))
                 converted.append(full)
     return converted
 
@@ -171,7 +188,7 @@ def replace_linear_with_fp8(model: nn.Module, config: COATConfig | ActivationCon
                       "own precision (no FP8 memory saving, no speed-up).", RuntimeWarning, stacklevel=2)
         return model
     _warn_fallback(model, device)
-    _convert_linears(model, config, InputCache())
+    _convert_linears(model, _new_context(config))
     return model
 
 
@@ -214,8 +231,9 @@ def apply_coat(model: nn.Module, config: COATConfig | None = None,
 
 def _apply_eager(model: nn.Module, config: COATConfig) -> COATContext:
     cache = InputCache()
-    context = COATContext(config, ActivationCompressor(config.activation, linear_inputs=cache), cache)
-    context.converted = _convert_linears(model, config, cache)
+    context = _new_context(config, compressor=ActivationCompressor(config.activation, linear_inputs=cache),
+                           input_cache=cache)
+    context.converted = _convert_linears(model, context)
     for module in model.modules():
         if isinstance(module, FP8Linear):
             module.input_saved_by_hooks = True
@@ -231,13 +249,9 @@ def _apply_compiled(model: nn.Module, config: COATConfig, device: torch.device |
     available, reason = inline_hooks_available()
     if not available:
         raise RuntimeError(f"coat.activation.compile_blocks: {reason}. Set compile_blocks: false for eager COAT.")
-    cache = InputCache()
-    context = COATContext(config, None, cache, compression=SavedTensorCompression(config.activation))
-    context.converted = _convert_linears(model, config, cache)
     in_graph = config.activation.fp8_gemm and fp8_gemm_support(_model_device(model, device)).available
-    for module in model.modules():
-        if isinstance(module, FP8Linear):
-            module.fp8_gemm_in_graph = in_graph
+    context = _new_context(config, compression=SavedTensorCompression(config.activation), fp8_gemm_in_graph=in_graph)
+    context.converted = _convert_linears(model, context)
     context.compiled_blocks = compile_blocks(model, **compile_options)
     return context
 

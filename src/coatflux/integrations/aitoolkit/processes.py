@@ -10,7 +10,10 @@ format, the web UI's progress, stop and status updates in ``DiffusionTrainer`` -
   loads, and installs the optimizer factory (:mod:`.optimizer_patch`).
 - ``hook_add_extra_train_params`` -- which ai-toolkit calls after its LoRA network is applied and
   right before it builds the optimizer -- hands ``coat.optimizer`` to that factory and, with
-  ``coat.activation.use_fp8``, puts the frozen base linears under the LoRA on FP8 (below).
+  ``coat.activation.use_fp8``, puts the frozen base linears under the LoRA on FP8 (below) and, with
+  ``coat.activation.compile_blocks`` or ai-toolkit's ``model.compile``, compiles the transformer's
+  blocks with COAT inside them (ai-toolkit's own compilation, which runs after this hook, is then
+  switched off for the process).
 
 Why subclasses built at import time inside ai-toolkit rather than classes defined here: ai-toolkit
 is not a package we can depend on, so its classes exist only in its own process; a class factory
@@ -97,25 +100,29 @@ def plain_linear_from(base: nn.Linear) -> nn.Linear:
 _CONVERT_NOTHING = ("",)
 
 
-def coat_linear_converter(transformer: nn.Module, config: Any) -> Converter:
-    """Install COAT's saved-activation compressor on ``transformer``; return a base-linear converter.
+def coat_linear_converter(transformer: nn.Module, config: Any,
+                          compile_options: Mapping[str, Any] | None = None) -> Converter:
+    """Install COAT's saved-activation compression on ``transformer``; return a base-linear converter.
 
     ``apply_coat`` is called with every linear excluded: its own conversion would replace the
     LoRA-patched modules in the tree (bypassing the LoRA) and put FP8 buffers where ai-toolkit's
-    ``unet.to(dtype=...)`` reaches them. What we keep from it is the compressor around the
-    transformer's forward -- it also compresses the fp32 input copy that ai-toolkit's LoRA branch
-    saves -- and its input cache, which the converted bases share (to_q/to_k/to_v read one input).
+    ``unet.to(dtype=...)`` reaches them. What we keep from it is the compression of saved
+    activations -- the eager compressor around the transformer's forward, or with
+    ``compile_blocks`` the compiled blocks whose graphs compress what they save (``compile_options``
+    go to ``torch.compile``) -- and the model's input cache and GEMM choices, which the converted
+    bases share (to_q/to_k/to_v read one input). Either way the fp32 input copy that ai-toolkit's
+    LoRA branch saves is compressed too.
     """
     from coatflux.core.api import apply_coat
-    from coatflux.core.linear import FP8Linear
 
-    apply_coat(transformer, dataclasses.replace(config, include=(), exclude=_CONVERT_NOTHING))
+    apply_coat(transformer, dataclasses.replace(config, include=(), exclude=_CONVERT_NOTHING),
+               compile_options=compile_options)
     context = getattr(transformer, "coat_context", None)
     if context is None:
         raise RuntimeError("coatflux: apply_coat attached nothing (this PyTorch has no float8 dtypes)")
 
     def convert(linear: nn.Linear) -> nn.Module:
-        return FP8Linear.from_linear(linear, config.activation, context.input_cache, trainable=False)
+        return context.fp8_linear(linear, trainable=False)
 
     return convert
 
@@ -137,15 +144,15 @@ def _skip_reason(lora: nn.Module, base: Any, name: str | None, config: Any) -> s
     return None
 
 
-def compose_fp8_bases(network: Any, transformer: nn.Module, config: Any,
-                      convert: Converter | None = None) -> CompositionReport:
+def compose_fp8_bases(network: Any, transformer: nn.Module, config: Any, convert: Converter | None = None,
+                      compile_options: Mapping[str, Any] | None = None) -> CompositionReport:
     """Put the base linear under each of ``network``'s transformer LoRA modules on FP8.
 
     ``convert`` turns a frozen ``nn.Linear`` into a module with the same ``forward(x)`` contract
-    (default: :func:`coat_linear_converter`, which also installs the activation compressor);
-    tests inject a stand-in.
+    (default: :func:`coat_linear_converter`, which also installs the activation compression and,
+    with ``compile_blocks``, compiles the blocks with ``compile_options``); tests inject a stand-in.
     """
-    convert = convert or coat_linear_converter(transformer, config)
+    convert = convert or coat_linear_converter(transformer, config, compile_options)
     names = {id(module): name for name, module in transformer.named_modules()}
     report = CompositionReport()
     for lora in getattr(network, "unet_loras", []):
@@ -183,13 +190,6 @@ class COATProcessMixin:
     def __init__(self, process_id: int, job: Any, config: Mapping[str, Any], **kwargs: Any) -> None:
         super().__init__(process_id, job, config, **kwargs)
         self.coat_config = read_coat_config(config, process_id)
-        if self.coat_config.activation.compile_blocks:
-            from coatflux.core.config import ConfigError
-
-            # ai-toolkit's LoRA replaces each base linear's forward on the instance, and its
-            # block_compile wraps the blocks itself; neither is traced or tested with COAT's graphs.
-            raise ConfigError(f"config.process[{process_id}].coat.activation.compile_blocks: not supported "
-                              "inside ai-toolkit; run the same config with `coatflux train` for compiled blocks")
         self.coat_fp8_bases: list[nn.Module] = []
         install_optimizer_factory()
         say(f"{type(self).__name__}: coat.enabled={self.coat_config.enabled}, "
@@ -223,13 +223,45 @@ class COATProcessMixin:
         if getattr(self.model_config, "low_vram", False) or getattr(self.model_config, "layer_offloading", False):
             say("warning: FP8 bases are not moved by model.low_vram/layer_offloading; they stay on "
                 f"{self.device_torch}")
-        report = compose_fp8_bases(self.network, self.sd.unet, self.coat_config)
+        config, compile_options = self._coat_compile_settings()
+        report = compose_fp8_bases(self.network, self.sd.unet, config, compile_options=compile_options)
         self.coat_fp8_bases = report.fp8_bases
         say(f"FP8 weights + FP8 GEMMs + FP8-saved inputs on {len(report.converted)} LoRA base linears; "
             f"{len(report.skipped)} left as they were; LoRA merge-in for sampling disabled")
         if report.requantized:
             say(f"model.quantize and coat.activation.use_fp8 both set: replaced optimum-quanto weights of "
                 f"{len(report.requantized)} linears with coatflux FP8 (others keep quanto)")
+        if config.activation.compile_blocks:
+            blocks = self.sd.unet.coat_context.compiled_blocks
+            say(f"compiled {len(blocks)} transformer blocks with COAT inside them ({compile_options}); "
+                "the first step compiles them (minutes on a GPU)")
+
+    def _coat_compile_settings(self) -> tuple[Any, dict[str, Any]]:
+        """COAT's config with ``compile_blocks`` on if ai-toolkit's ``model.compile`` asks for compilation.
+
+        Why take ai-toolkit's compilation over: COAT's compiled blocks compress what each graph saves
+        inside the graph, and are tested to; ai-toolkit's ``torch.compile`` of each block (after this
+        hook) around COAT's eager compressor is neither. ai-toolkit's ``model.compile`` is then
+        switched off for this process, so the blocks compile once, with its ``compile_mode``,
+        ``compile_dynamic`` and ``compile_fullgraph``.
+        """
+        from coatflux.core.config import ConfigError
+
+        config = self.coat_config
+        options = {"mode": getattr(self.model_config, "compile_mode", "default"),
+                   "dynamic": getattr(self.model_config, "compile_dynamic", True),
+                   "fullgraph": getattr(self.model_config, "compile_fullgraph", False)}
+        key = "coat.activation.compile_blocks"
+        if getattr(self.model_config, "compile", False):
+            key = "model.compile"
+            say("model.compile with coat.activation.use_fp8: coatflux compiles each transformer block with COAT "
+                "inside it (coat.activation.compile_blocks) in place of ai-toolkit's compile")
+            config = dataclasses.replace(config, activation=dataclasses.replace(config.activation, compile_blocks=True))
+            self.model_config.compile = False
+        if config.activation.compile_blocks and not getattr(self.sd.unet, "_repeated_blocks", None):
+            raise ConfigError(f"config.process[{self.process_id}].{key}: {type(self.sd.unet).__name__} lists no "
+                              "repeated blocks for COAT to compile (diffusers' _repeated_blocks); set it to false")
+        return config, options
 
 
 def make_coat_process_class(base: type, name: str) -> type:
