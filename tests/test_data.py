@@ -232,6 +232,19 @@ def test_latent_cache_misses_when_image_or_transform_changes(tmp_path: Path, dat
     assert encoder.calls == 4
 
 
+def test_latent_cache_misses_after_the_decoder_changes(tmp_path: Path, dataset: Path, monkeypatch) -> None:
+    """A latent cached by an older pixel decoder (16-bit grayscale clipped, revision 1) is encoded again."""
+    from coatflux.trainer import data as data_module
+
+    batch = TrainingData([_config(dataset)], 1).epoch_batches(0, 0)[0]
+    encoder = CountingEncoder()
+    monkeypatch.setattr(data_module, "PIXEL_DECODER_REVISION", 1)
+    LatentCache(tmp_path / "cache", "fake-vae", to_disk=True).latents(batch, encoder, TrainingData.load_pixels)
+    monkeypatch.undo()
+    LatentCache(tmp_path / "cache", "fake-vae", to_disk=True).latents(batch, encoder, TrainingData.load_pixels)
+    assert encoder.calls == 2
+
+
 def test_corrupt_cache_entry_is_re_encoded(tmp_path: Path, dataset: Path) -> None:
     cache = LatentCache(tmp_path / "cache", "fake-vae", to_disk=True)
     encoder = CountingEncoder()

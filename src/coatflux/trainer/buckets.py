@@ -77,6 +77,11 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+#: Revision of the decoding from file to pixels; part of the latent cache key, so a change to what a
+#: file decodes to re-encodes the latents an older decoder cached. 2: 16-bit grayscale is scaled to
+#: 8 bits, where revision 1 (coatflux 0.1) clipped it to white.
+PIXEL_DECODER_REVISION = 2
+
 # Integer modes of 16-bit grayscale files (PNG's "I;16"; some decoders give "I" with the same range).
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 

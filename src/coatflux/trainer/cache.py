@@ -9,7 +9,8 @@ Why content keys: ai-toolkit names cache files after the image stem and stores t
 images, so an edited image with the same name reuses a stale latent and the dataset folder gets
 written to. Here the key is the SHA-256 of the image bytes (or the caption text) plus everything
 that shapes the encoder's input and output: bucket, scaled size, crop offset, flips, resolution,
-an encoder identity string chosen by the caller (e.g. the VAE's repo and dtype) and
+an encoder identity string chosen by the caller (e.g. the VAE's repo and dtype), the pixel
+decoder's revision (:data:`~coatflux.trainer.buckets.PIXEL_DECODER_REVISION`) and
 :data:`CACHE_FORMAT_VERSION`. Editing an image, caption or transform, or changing the VAE,
 therefore re-encodes exactly what changed, and renaming a file costs nothing.
 

@@ -41,7 +41,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from coatflux.trainer.buckets import MIN_BUCKET_SIDE, Crop, bucket_size, load_image, oriented_size, plan_crop
+from coatflux.trainer.buckets import (
+    MIN_BUCKET_SIDE,
+    PIXEL_DECODER_REVISION,
+    Crop,
+    bucket_size,
+    load_image,
+    oriented_size,
+    plan_crop,
+)
 from coatflux.trainer.captions import TRIGGER_PLACEHOLDER, process_caption
 from coatflux.trainer.config import DatasetConfig
 
@@ -222,7 +230,7 @@ class Item:
 
     def pixel_identity(self) -> dict[str, Any]:
         """Everything that determines the pixels the VAE sees (the latent cache key)."""
-        return {"image_sha256": self.record.sha256, "resolution": self.resolution, "bucket": list(self.crop.bucket),
+        return {"image_sha256": self.record.sha256, "decoder": PIXEL_DECODER_REVISION, "resolution": self.resolution, "bucket": list(self.crop.bucket),
                 "scaled": list(self.crop.scaled), "crop": [self.crop.left, self.crop.top],
                 "flip_x": self.flip_x, "flip_y": self.flip_y}
 
