@@ -13,6 +13,7 @@ the same things against a real checkout.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -25,7 +26,8 @@ import pytest
 import torch
 from torch import nn
 
-from coatflux.core.config import COATConfig, ConfigError, FP8QuantizationConfig
+from coatflux.core.config import ActivationConfig, COATConfig, ConfigError, FP8QuantizationConfig
+from coatflux.core.formats import sqnr_db
 from coatflux.integrations.aitoolkit import optimizer_patch, processes
 from coatflux.integrations.aitoolkit.install import (
     MANIFEST_NAME,
@@ -290,7 +292,7 @@ def _identity_converter(linear: nn.Linear) -> nn.Module:
 
 
 def test_process_class_reads_coat_block_and_routes_optimizer(patched_training_module, monkeypatch) -> None:
-    monkeypatch.setattr(processes, "coat_linear_converter", lambda transformer, config, options: _identity_converter)
+    monkeypatch.setattr(processes, "coat_linear_converter", lambda transformer, config, options, device: _identity_converter)
     cls = processes.make_coat_process_class(FakeDiffusionTrainer, "COATDiffusionTrainer")
     config = {"train": {"optimizer": "coat_fp8_adamw"},
               "coat": {"optimizer": {"m1_format": "e5m2"}, "include": ["2."]}}
@@ -315,7 +317,8 @@ def _compile_run(monkeypatch: pytest.MonkeyPatch, coat: dict, repeated_blocks: l
     """A process whose hook ran with a recording converter; returns it and the converter's calls."""
     calls = []
 
-    def converter(transformer, config, options):
+    def converter(transformer, config, options, device):
+        assert device == torch.device("cpu")  # the process's device_torch
         calls.append((config, options))
         transformer.coat_context = types.SimpleNamespace(compiled_blocks=["0"])
         return _identity_converter
@@ -392,3 +395,51 @@ def test_compose_with_real_coat_linear() -> None:
     assert network.unet_loras[0].lora_down.weight.grad is not None
     assert after.shape == before.shape
     assert (after - before).abs().max() < 0.25 * before.abs().max()  # FP8 error, not a different function
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.down(torch.nn.functional.gelu(self.up(hidden_states)))
+
+
+class _Blocks(nn.Module):
+    _repeated_blocks = ("_Block",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden_states = block(hidden_states=hidden_states)
+        return hidden_states
+
+
+def test_compose_with_compiled_blocks_matches_eager_composition() -> None:
+    """The bases under ai-toolkit's LoRA run inside COAT's compiled blocks: same loss and LoRA grads."""
+    torch.manual_seed(0)
+    original = _Blocks().requires_grad_(False)
+    x = torch.randn(2, 48, 32)
+    results = []
+    for compile_blocks in (False, True):
+        transformer = copy.deepcopy(original)
+        torch.manual_seed(1)  # the same LoRA weights for both
+        network = FakeNetwork(transformer)
+        config = COATConfig(activation=ActivationConfig(compile_blocks=compile_blocks, min_saved_numel=0))
+        report = processes.compose_fp8_bases(network, transformer, config, compile_options={"backend": "aot_eager"},
+                                             device="cpu")
+        context = transformer.coat_context
+        assert all(base.planner is context.planner and base.input_cache is context.input_cache
+                   for base in report.fp8_bases)
+        assert context.compiled_blocks == (["blocks.0", "blocks.1"] if compile_blocks else [])
+        loss = transformer(x).square().mean()
+        loss.backward()
+        results.append((loss.detach(), [lora.lora_down.weight.grad for lora in network.unet_loras]))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert sqnr_db(eager_loss, compiled_loss) > 30
+    for eager, compiled in zip(eager_grads, compiled_grads, strict=True):
+        assert sqnr_db(eager, compiled) > 20

@@ -100,8 +100,8 @@ def plain_linear_from(base: nn.Linear) -> nn.Linear:
 _CONVERT_NOTHING = ("",)
 
 
-def coat_linear_converter(transformer: nn.Module, config: Any,
-                          compile_options: Mapping[str, Any] | None = None) -> Converter:
+def coat_linear_converter(transformer: nn.Module, config: Any, compile_options: Mapping[str, Any] | None = None,
+                          device: Any = None) -> Converter:
     """Install COAT's saved-activation compression on ``transformer``; return a base-linear converter.
 
     ``apply_coat`` is called with every linear excluded: its own conversion would replace the
@@ -111,12 +111,13 @@ def coat_linear_converter(transformer: nn.Module, config: Any,
     ``compile_blocks`` the compiled blocks whose graphs compress what they save (``compile_options``
     go to ``torch.compile``) -- and the model's input cache and GEMM choices, which the converted
     bases share (to_q/to_k/to_v read one input). Either way the fp32 input copy that ai-toolkit's
-    LoRA branch saves is compressed too.
+    LoRA branch saves is compressed too. ``device`` is where the transformer will train (ai-toolkit's
+    ``device``): compiled blocks decide there, once, whether their GEMMs run on FP8 tensor cores.
     """
     from coatflux.core.api import apply_coat
 
     apply_coat(transformer, dataclasses.replace(config, include=(), exclude=_CONVERT_NOTHING),
-               compile_options=compile_options)
+               device=device, compile_options=compile_options)
     context = getattr(transformer, "coat_context", None)
     if context is None:
         raise RuntimeError("coatflux: apply_coat attached nothing (this PyTorch has no float8 dtypes)")
@@ -145,14 +146,15 @@ def _skip_reason(lora: nn.Module, base: Any, name: str | None, config: Any) -> s
 
 
 def compose_fp8_bases(network: Any, transformer: nn.Module, config: Any, convert: Converter | None = None,
-                      compile_options: Mapping[str, Any] | None = None) -> CompositionReport:
+                      compile_options: Mapping[str, Any] | None = None, device: Any = None) -> CompositionReport:
     """Put the base linear under each of ``network``'s transformer LoRA modules on FP8.
 
     ``convert`` turns a frozen ``nn.Linear`` into a module with the same ``forward(x)`` contract
     (default: :func:`coat_linear_converter`, which also installs the activation compression and,
-    with ``compile_blocks``, compiles the blocks with ``compile_options``); tests inject a stand-in.
+    with ``compile_blocks``, compiles the blocks with ``compile_options`` for ``device``); tests inject
+    a stand-in.
     """
-    convert = convert or coat_linear_converter(transformer, config, compile_options)
+    convert = convert or coat_linear_converter(transformer, config, compile_options, device)
     names = {id(module): name for name, module in transformer.named_modules()}
     report = CompositionReport()
     for lora in getattr(network, "unet_loras", []):
@@ -224,7 +226,8 @@ class COATProcessMixin:
             say("warning: FP8 bases are not moved by model.low_vram/layer_offloading; they stay on "
                 f"{self.device_torch}")
         config, compile_options = self._coat_compile_settings()
-        report = compose_fp8_bases(self.network, self.sd.unet, config, compile_options=compile_options)
+        report = compose_fp8_bases(self.network, self.sd.unet, config, compile_options=compile_options,
+                                   device=self.device_torch)
         self.coat_fp8_bases = report.fp8_bases
         say(f"FP8 weights + FP8 GEMMs + FP8-saved inputs on {len(report.converted)} LoRA base linears; "
             f"{len(report.skipped)} left as they were; LoRA merge-in for sampling disabled")
