@@ -128,3 +128,102 @@ def test_hooks_are_removed_even_if_forward_raises(pair):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         (x * x).sum()
     assert saved and all(t.dtype == torch.float32 for t in saved)
+
+
+# --- concatenations stored as their parts (FLUX's single blocks) -------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, n, d = h.shape
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+
+
+class ParallelBlock(nn.Module):
+    """FLUX's single-block layout: attention and a GELU MLP side by side, concatenated into one linear."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, touch_attention: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = SelfAttention(dim, heads)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(5 * dim, dim)
+        self.touch_attention = touch_attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        a = self.attn(h)
+        if self.touch_attention:
+            a.mul_(1.0)  # an in-place change before the concatenation: its part is no longer recognised
+        return x + self.proj(torch.cat([a, self.act(self.fc(h))], dim=-1))
+
+
+def _concat_run(model: nn.Module, x: torch.Tensor, recipe: bool, monkeypatch) -> tuple[int, list, list]:
+    """(saved bytes, [output, x.grad, proj weight grad], concatenations stored as parts)."""
+    compressor = model.coat_context.compressor
+    found, original = [], compressor._concatenation
+    monkeypatch.setattr(compressor, "_concatenation",
+                        lambda t: found.append(original(t)) or found[-1] if recipe else None)
+    x = x.clone().requires_grad_(True)
+    out = []
+    nbytes = saved_activation_bytes(model, lambda: out.append(model(x)) or out[0])
+    out[0].float().square().sum().backward()
+    results = [out[0].detach(), x.grad, model.proj.weight.grad]
+    model.zero_grad(set_to_none=True)
+    return nbytes, results, [c for c in found if c is not None]
+
+
+def _coat(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return apply_coat(model, COATConfig(activation=ActivationConfig(min_saved_numel=0)))
+
+
+def test_concatenation_of_attention_and_gelu_outputs_is_stored_as_its_parts(monkeypatch):
+    torch.manual_seed(0)
+    model = _coat(ParallelBlock().to(torch.bfloat16))
+    x = torch.randn(2, 64, 64, dtype=torch.bfloat16)
+    with_parts, ours, concats = _concat_run(model, x, True, monkeypatch)
+    whole, reference, none = _concat_run(model, x, False, monkeypatch)
+    assert len(concats) == 1 and not none
+    # the concatenation's own FP8 copy (1 byte x 5 widths) is gone; the attention part is stored
+    # per group (1 + 1/16 bytes x 1 width) and the GELU part recomputed from the GELU's FP8 input
+    tokens = 2 * 64
+    assert whole - with_parts >= tokens * 64 * (5 - 1.0625) * 0.99
+    for r, o in zip(reference, ours, strict=True):
+        assert sqnr_db(r.float(), o.float()) > 25
+
+
+def test_a_part_changed_in_place_before_the_concatenation_is_not_taken(monkeypatch):
+    torch.manual_seed(0)
+    model = _coat(ParallelBlock(touch_attention=True).to(torch.bfloat16))
+    x = torch.randn(2, 64, 64, dtype=torch.bfloat16)
+    _, ours, concats = _concat_run(model, x, True, monkeypatch)
+    _, reference, _ = _concat_run(model, x, False, monkeypatch)
+    assert concats == []
+    for r, o in zip(reference, ours, strict=True):
+        assert torch.equal(r, o)
+
+
+def test_flux_single_blocks_store_their_concatenation_as_parts(monkeypatch):
+    from coatflux.bench.model import PRESETS, build_transformer, loss_of, make_batch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _coat(build_transformer(PRESETS["tiny"], "cpu").requires_grad_(False))
+    compressor, found = model.coat_context.compressor, []
+    original = compressor._concatenation
+    monkeypatch.setattr(compressor, "_concatenation", lambda t: found.append(original(t)) or found[-1])
+    batch = make_batch(PRESETS["tiny"], 32, 1, "cpu")
+    loss_of(model, {**batch, "hidden_states": batch["hidden_states"].requires_grad_()}).backward()
+    concats = [c for c in found if c is not None]
+    assert len(concats) == PRESETS["tiny"].config["num_single_layers"]
+    assert all(len(c.parts) == 2 for c in concats)
+    assert not compressor._parts  # registered parts last one forward

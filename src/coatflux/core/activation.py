@@ -33,7 +33,15 @@ kinds of tensor are not compressed again at all:
   saved, a GELU output is ``gelu`` of it). Saving such an output costs no bytes; backward
   recomputes it from the FP8 input. This is what keeps one FLUX block's saved bytes near half of
   bf16 on a GPU, where the LayerNorm output feeding the AdaLN modulation and the GELU output
-  feeding the down projection would otherwise each be stored a second time.
+  feeding the down projection would otherwise each be stored a second time;
+* *concatenations of known parts*: a saved ``torch.cat`` output whose parts are derived outputs or
+  outputs of attention modules (registered with :meth:`ActivationCompressor.register_part`) is
+  stored as its parts -- derived parts as their recipes, the others in FP8 per group, once -- and
+  concatenated again in backward. FLUX's single blocks concatenate the attention output with the
+  GELU output (4 x wider) and feed that to ``proj_out``; storing the concatenation's own FP8 copy
+  stored the GELU output a second time (COAT's Llama kernels likewise save nothing extra for the
+  output projection: its input is the attention output, already kept). The parts are found from
+  the autograd graph: the ``CatBackward0`` node's inputs are the parts' own nodes.
 Parameters (and views of them, such as the transposed weight ``nn.Linear`` saves), constants
 without autograd history, per-row statistics whose last dimension is below ``group_size`` (norm
 mean and rstd) and tensors smaller than ``min_saved_numel`` pass through untouched: they cost
@@ -43,6 +51,7 @@ little or are alive anyway, and an error in rstd would scale every gradient of i
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -127,6 +136,27 @@ class _Derived:
         return self.recompute()
 
 
+class _Concat:
+    """A saved concatenation stored as its parts (``_Packed`` or ``_Derived``), re-joined in backward."""
+
+    __slots__ = ("dim", "parts")
+
+    def __init__(self, parts: tuple[Any, ...], dim: int) -> None:
+        self.parts = parts
+        self.dim = dim
+
+    def nbytes(self) -> int:
+        return 0  # its parts are counted on their own (a packed part may be shared with other saves)
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat([part.materialize() for part in self.parts], self.dim)
+
+
+def _signed(dim: int) -> int:
+    """``CatBackward0._saved_dim`` as a Python int (a negative dim reads back as its unsigned 64-bit form)."""
+    return dim - (1 << 64) if dim >= 1 << 63 else dim
+
+
 class ActivationCompressor:
     """Pack/unpack hooks that store saved activations as FP8 with per-group (or per-tensor) scales.
 
@@ -144,6 +174,8 @@ class ActivationCompressor:
         self.range_observer: Callable[[torch.Tensor, QuantizedTensor], None] | None = None
         self._packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._derived: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        # id(autograd node) -> the registered part it produced (weakly); cleared after each forward
+        self._parts: dict[int, weakref.ref] = {}
 
     def quantize_saved(self, t: torch.Tensor) -> QuantizedTensor:
         """The FP8 form this compressor stores activations in (per group or per tensor)."""
@@ -155,9 +187,22 @@ class ActivationCompressor:
             self.range_observer(t, q)
         return q
 
-    def register_derived(self, output: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> None:
-        """Declare that ``output`` can be recomputed from tensors already saved (see module doc)."""
-        self._derived[output] = (output._version, _Derived(recompute))
+    def register_derived(self, output: torch.Tensor, recompute: Callable[[], torch.Tensor],
+                         node: Any = None) -> None:
+        """Declare that ``output`` can be recomputed from tensors already saved (see module doc).
+
+        ``node`` is the ``ctx`` of the autograd function that produced ``output`` (its ``grad_fn``
+        to be): marked with the recipe, it lets a concatenation that reads ``output`` find it.
+        """
+        derived = _Derived(recompute)
+        self._derived[output] = (output._version, derived)
+        if node is not None:
+            node.coat_derived = derived
+
+    def register_part(self, t: Any) -> None:
+        """Declare ``t`` (a module's output) a part that a saved concatenation may be stored as."""
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+            self._parts[id(t.grad_fn)] = weakref.ref(t)
 
     def should_compress(self, t: torch.Tensor) -> bool:
         """Activations only: not weights, not constants, not per-row statistics."""
@@ -182,14 +227,41 @@ class ActivationCompressor:
             hit = table.get(t)
             if hit is not None and hit[0] == t._version:
                 return hit[1]
+        concat = self._concatenation(t)
+        if concat is not None:
+            self._packed[t] = (t._version, concat)
+            return concat
         linear_copy = self.linear_inputs.lookup(t) if self.linear_inputs is not None else None
         packed = _Packed(linear_copy if linear_copy is not None else self.quantize_saved(t))
         self._packed[t] = (t._version, packed)
         return packed
 
+    def _concatenation(self, t: torch.Tensor) -> _Concat | None:
+        """``t`` stored as its parts if it is a ``torch.cat`` of derived or registered tensors, else None.
+
+        A part is recognised by its autograd node: a fused op's node carries its recipe, a registered
+        part is looked up by node. An in-place change of a part before the concatenation gives the
+        part a new node, so it is then not recognised and ``t`` is stored as usual.
+        """
+        node = t.grad_fn
+        if node is None or type(node).__name__ != "CatBackward0":
+            return None
+        parts = []
+        for part_node, output_nr in node.next_functions:
+            derived = getattr(part_node, "coat_derived", None)
+            if derived is not None and output_nr == 0:
+                parts.append(derived)
+                continue
+            ref = self._parts.get(id(part_node))
+            part = ref() if ref is not None else None
+            if part is None or part.grad_fn is not part_node or part.output_nr != output_nr:
+                return None
+            parts.append(self._pack(part))
+        return _Concat(tuple(parts), _signed(node._saved_dim))
+
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:
-        if isinstance(packed, _Packed | _Derived):
+        if isinstance(packed, _Packed | _Derived | _Concat):
             return packed.materialize()
         return packed
 
@@ -201,6 +273,7 @@ class ActivationCompressor:
         the caller opens around the modules that run it (what ``apply_coat`` does).
         """
         with contextlib.ExitStack() as stack:
+            stack.callback(self._parts.clear)  # parts are joined within one forward
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
             if find_attention:
                 stack.enter_context(self.attention_scope())
@@ -225,6 +298,10 @@ class SavedBytesMeter:
         self._seen: set[int] = set()
 
     def add(self, obj: Any) -> None:
+        if isinstance(obj, _Concat):
+            for part in obj.parts:
+                self.add(part)
+            return
         if isinstance(obj, _Packed | _Derived):
             key, size = id(obj), obj.nbytes()
         elif torch.is_tensor(obj):

@@ -95,6 +95,9 @@ class COATContext:
     def exit_attention(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._scopes:
             self._scopes.pop().__exit__(None, None, None)
+            # a block that concatenates this output with others saves the concatenation as its parts
+            for t in output if isinstance(output, tuple | list) else (output,):
+                self.compressor.register_part(t)
 
 
 def _matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
@@ -145,7 +148,8 @@ def _fuse_nonlinear(model: nn.Module, config: COATConfig, compressor: Activation
 def _scope_attention_modules(model: nn.Module, context: COATContext) -> list[Any]:
     """Open the compressor's attention scope only inside attention modules (see core.activation).
 
-    A nested attention module (one inside another) needs no scope of its own.
+    A nested attention module (one inside another) needs no scope of its own. The hooks also
+    register each attention module's output as a part a saved concatenation may be stored as.
     """
     handles, scoped = [], []
     for name, module in model.named_modules():  # parents come before their children
@@ -239,8 +243,7 @@ def _apply_eager(model: nn.Module, config: COATConfig) -> COATContext:
             module.input_saved_by_hooks = True
     if config.activation.fused_nonlinear:
         context.fused = _fuse_nonlinear(model, config, context.compressor)
-    if config.activation.keep_attention_bf16:
-        context.handles += _scope_attention_modules(model, context)
+    context.handles += _scope_attention_modules(model, context)
     return context
 
 

@@ -86,7 +86,8 @@ class _NormFunction(torch.autograd.Function):
         xq = compressor.quantize_saved(x)
         ctx.q_meta, ctx.center = _q_meta(xq), center
         ctx.save_for_backward(xq.data, xq.scale, mean, rstd)
-        compressor.register_derived(y, lambda: _normalized(xq, mean, rstd).to(y.dtype))
+        dtype = y.dtype  # the recipe must not hold y: ctx (y's grad_fn) keeps it, a cycle autograd cannot free
+        compressor.register_derived(y, lambda: _normalized(xq, mean, rstd).to(dtype), ctx)
         return y
 
     @staticmethod
@@ -108,7 +109,7 @@ class _GELUFunction(torch.autograd.Function):
         xq = compressor.quantize_saved(x)
         ctx.q_meta, ctx.approximate = _q_meta(xq), approximate
         ctx.save_for_backward(xq.data, xq.scale)
-        compressor.register_derived(y, lambda: F.gelu(dequantize(xq), approximate=approximate))
+        compressor.register_derived(y, lambda: F.gelu(dequantize(xq), approximate=approximate), ctx)
         return y
 
     @staticmethod
@@ -152,7 +153,7 @@ class _FusedNormFunction(torch.autograd.Function):
         ctx.has = (weight is not None, bias is not None, scale is not None, shift is not None)
         ctx.save_for_backward(xq.data, xq.scale, mean, rstd, weight, bias, scale)
         compressor.register_derived(
-            y, lambda: kernels.norm_recompute(xq, mean, rstd, weight, bias, scale, shift, out_dtype=out_dtype))
+            y, lambda: kernels.norm_recompute(xq, mean, rstd, weight, bias, scale, shift, out_dtype=out_dtype), ctx)
         return y
 
     @staticmethod
@@ -175,7 +176,7 @@ class _FusedGELUFunction(torch.autograd.Function):
         y, xq = kernels.gelu_forward(x, approximate, group=compressor.config.group_size)
         ctx.q_meta, ctx.approximate = _q_meta(xq), approximate
         ctx.save_for_backward(xq.data, xq.scale)
-        compressor.register_derived(y, lambda: kernels.gelu_recompute(xq, approximate))
+        compressor.register_derived(y, lambda: kernels.gelu_recompute(xq, approximate), ctx)
         return y
 
     @staticmethod
