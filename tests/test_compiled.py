@@ -248,8 +248,13 @@ def test_compiled_blocks_train_like_eager_coat_with_and_without_checkpointing(ti
     loss, grads, saved = _step(model, params, data)  # the second step reuses the graphs
     assert sqnr_db(eager[0], loss) > 40 and sqnr_db(eager[1], grads) > 25
 
-    fp8 = sum(t.numel() for t in saved if t.dtype == torch.float8_e4m3fn)
-    wide = sum(t.numel() * t.element_size() for t in saved if t.dtype in (torch.bfloat16, torch.float32))
+    # the LoRA weights are kept as the parameters they are (no extra bytes), not as saved bf16 copies
+    # (which the hooks would store in FP8): COAT_PARTITIONER lets backward recompute the casts
+    lora = {p.untyped_storage().data_ptr() for p in params}
+    activations = [t for t in saved if t.untyped_storage().data_ptr() not in lora]
+    assert len(activations) < len(saved)
+    fp8 = sum(t.numel() for t in activations if t.dtype == torch.float8_e4m3fn)
+    wide = sum(t.numel() * t.element_size() for t in activations if t.dtype in (torch.bfloat16, torch.float32))
     assert fp8 > 4 * wide  # the blocks keep FP8, but for attention's tensors:
     attention = [t for t in saved if t.dim() == 4 and t.shape[1] == 4]  # (batch, heads, tokens, head dim)
     assert len(attention) >= 4 * 4 and all(t.dtype == torch.bfloat16 for t in attention)
@@ -259,7 +264,9 @@ def test_compiled_blocks_train_like_eager_coat_with_and_without_checkpointing(ti
     sizes = {name: saved_activation_bytes(m, lambda m=m: loss_of(m, data))
              for name, m in (("eager", eager_model), ("compiled", model), ("plain", _tiny(tiny_base, None)[0]))}
     assert 0 < sizes["compiled"] < 0.75 * sizes["plain"], sizes
-    assert 0.5 * sizes["eager"] < sizes["compiled"] < 2 * sizes["eager"], sizes
+    # below eager COAT here: at the tiny model's widths the LoRA weights' saved copies, which eager
+    # COAT stores and the compiled blocks recompute, are a large share of all saved bytes
+    assert 0.25 * sizes["eager"] < sizes["compiled"] < 2 * sizes["eager"], sizes
 
     model.enable_gradient_checkpointing()
     checkpointed = _step(model, params, data)

@@ -35,7 +35,12 @@ import torch
 from torch import nn
 
 from coatflux.core.activation import ActivationCompressor, is_attention_module
-from coatflux.core.compiled import SavedTensorCompression, compile_blocks, inline_hooks_available
+from coatflux.core.compiled import (
+    COAT_PARTITIONER,
+    SavedTensorCompression,
+    compile_blocks,
+    inline_hooks_available,
+)
 from coatflux.core.config import ActivationConfig, COATConfig
 from coatflux.core.gemm import GemmPlanner, fp8_gemm_support
 from coatflux.core.linear import FP8Linear, InputCache
@@ -255,7 +260,7 @@ def _apply_compiled(model: nn.Module, config: COATConfig, device: torch.device |
     in_graph = config.activation.fp8_gemm and fp8_gemm_support(_model_device(model, device)).available
     context = _new_context(config, compression=SavedTensorCompression(config.activation), fp8_gemm_in_graph=in_graph)
     context.converted = _convert_linears(model, context)
-    context.compiled_blocks = compile_blocks(model, **compile_options)
+    context.compiled_blocks = compile_blocks(model, partitioner=COAT_PARTITIONER, **compile_options)
     return context
 
 
