@@ -180,10 +180,10 @@ def _concat_run(model: nn.Module, x: torch.Tensor, recipe: bool, monkeypatch) ->
     return nbytes, results, [c for c in found if c is not None]
 
 
-def _coat(model: nn.Module) -> nn.Module:
+def _coat(model: nn.Module, min_saved_numel: int = 0) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return apply_coat(model, COATConfig(activation=ActivationConfig(min_saved_numel=0)))
+        return apply_coat(model, COATConfig(activation=ActivationConfig(min_saved_numel=min_saved_numel)))
 
 
 def test_concatenation_of_attention_and_gelu_outputs_is_stored_as_its_parts(monkeypatch):
@@ -197,6 +197,18 @@ def test_concatenation_of_attention_and_gelu_outputs_is_stored_as_its_parts(monk
     # per group (1 + 1/16 bytes x 1 width) and the GELU part recomputed from the GELU's FP8 input
     tokens = 2 * 64
     assert whole - with_parts >= tokens * 64 * (5 - 1.0625) * 0.99
+    for r, o in zip(reference, ours, strict=True):
+        assert sqnr_db(r.float(), o.float()) > 25
+
+
+def test_a_part_too_small_to_compress_is_kept_as_it_is(monkeypatch):
+    torch.manual_seed(0)
+    # the attention part (8,192 values) is below min_saved_numel, the concatenation (40,960) is not
+    model = _coat(ParallelBlock().to(torch.bfloat16), min_saved_numel=10_000)
+    x = torch.randn(2, 64, 64, dtype=torch.bfloat16)
+    _, ours, concats = _concat_run(model, x, True, monkeypatch)
+    _, reference, _ = _concat_run(model, x, False, monkeypatch)
+    assert len(concats) == 1 and any(torch.is_tensor(part) for part in concats[0].parts)
     for r, o in zip(reference, ours, strict=True):
         assert sqnr_db(r.float(), o.float()) > 25
 

@@ -137,7 +137,10 @@ class _Derived:
 
 
 class _Concat:
-    """A saved concatenation stored as its parts (``_Packed`` or ``_Derived``), re-joined in backward."""
+    """A saved concatenation stored as its parts, re-joined in backward.
+
+    A part is a ``_Packed`` or ``_Derived``, or the tensor itself when it is too small to compress.
+    """
 
     __slots__ = ("dim", "parts")
 
@@ -149,7 +152,7 @@ class _Concat:
         return 0  # its parts are counted on their own (a packed part may be shared with other saves)
 
     def materialize(self) -> torch.Tensor:
-        return torch.cat([part.materialize() for part in self.parts], self.dim)
+        return torch.cat([ActivationCompressor.unpack(part) for part in self.parts], self.dim)
 
 
 def _signed(dim: int) -> int:

@@ -313,10 +313,10 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
 #: has to materialise anyway, such as the input of a GEMM: so it stores the GELU output that feeds
 #: the down projection (whose LoRA weight gradient reads it) beside the GELU input, and the bf16
 #: copies of the LoRA weights. COAT stores the GELU input (backward needs it) and recomputes the
-#: output, as its hand-fused kernels do. Allowing that recomputation stores, on one FLUX.1-dev double
-#: block at 1024 px (CPU, ``aot_eager_decomp_partition``), 80 MiB less; the recomputed tensors are
-#: element-wise, so the extra backward work is a pass over memory. Plain (bf16) compiled blocks keep
-#: PyTorch's default.
+#: output, as its hand-fused kernels do. Allowing that recomputation stores 88 MiB less per FLUX.1-dev
+#: double block at 1024 px and 15 MiB less per single block (``benchmarks/flux_block_memory.py``); the
+#: recomputed tensors are element-wise, so the extra backward work is a pass over memory (its GPU
+#: time not yet measured). Plain (bf16) compiled blocks keep PyTorch's default.
 COAT_PARTITIONER: Mapping[str, Any] = {"ban_recompute_materialized_backward": False}
 
 
