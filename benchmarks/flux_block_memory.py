@@ -20,6 +20,9 @@ inductor partitions them: ``aot_eager_decomp_partition`` by default, ``--compile
 to generate the code as well, minutes per model on a CPU).
 
     python benchmarks/flux_block_memory.py [--resolution 1024] [--recipes bf16 coat coat-compiled]
+
+``--width tiny`` runs the same on the bench's tiny FLUX (hidden 64), in seconds: a check of this
+script, not a figure.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import warnings
 
 import torch
 
-from coatflux.bench.model import FLUX_DEV_CONFIG, Preset, build_transformer, loss_of, make_batch
+from coatflux.bench.model import FLUX_DEV_CONFIG, TINY_CONFIG, Preset, build_transformer, loss_of, make_batch
 from coatflux.core.accounting import saved_activation_bytes
 from coatflux.core.api import apply_coat
 from coatflux.core.config import ActivationConfig, COATConfig
@@ -40,10 +43,11 @@ from coatflux.flux.lora import find_lora_targets, inject_lora
 RECIPES = ("bf16", "coat", "coat-compiled")
 LAYOUTS = ((1, 1), (2, 1), (1, 2))  # (double, single) blocks
 MIB = 2**20
+WIDTHS = {"flux-dev": FLUX_DEV_CONFIG, "tiny": TINY_CONFIG}
 
 
-def _model(recipe: str, doubles: int, singles: int, backend: str) -> tuple[torch.nn.Module, Preset]:
-    preset = Preset("blocks", {**FLUX_DEV_CONFIG, "num_layers": doubles, "num_single_layers": singles}, 512, ())
+def _model(recipe: str, doubles: int, singles: int, backend: str, config: dict) -> tuple[torch.nn.Module, Preset]:
+    preset = Preset("blocks", {**config, "num_layers": doubles, "num_single_layers": singles}, 512, ())
     model = build_transformer(preset, "cpu").requires_grad_(False)
     if recipe != "bf16":
         activation = ActivationConfig(compile_blocks=recipe == "coat-compiled")
@@ -52,19 +56,20 @@ def _model(recipe: str, doubles: int, singles: int, backend: str) -> tuple[torch
     return model, preset
 
 
-def saved_bytes(recipe: str, doubles: int, singles: int, resolution: int, backend: str) -> int:
-    model, preset = _model(recipe, doubles, singles, backend)
+def saved_bytes(recipe: str, doubles: int, singles: int, resolution: int, backend: str,
+                config: dict = FLUX_DEV_CONFIG) -> int:
+    model, preset = _model(recipe, doubles, singles, backend, config)
     batch = make_batch(preset, resolution, 1, "cpu")
     torch._dynamo.reset()  # each model compiles its own graphs
     return saved_activation_bytes(model, lambda: loss_of(model, batch))
 
 
-def weight_bytes(recipe: str) -> tuple[int, int]:
-    """(frozen weight bytes of FLUX.1-dev in this recipe, number of linears), from the meta model."""
+def weight_bytes(recipe: str, config: dict = FLUX_DEV_CONFIG) -> tuple[int, int]:
+    """(frozen weight bytes of the model in this recipe, number of linears), from the meta model."""
     from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**FLUX_DEV_CONFIG)
+        model = FluxTransformer2DModel(**config)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     linear_params = sum(m.weight.numel() for m in linears)
     other = sum(p.numel() for p in model.parameters()) - linear_params
@@ -78,23 +83,26 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=RECIPES)
     parser.add_argument("--compiled-backend", default="aot_eager_decomp_partition")
+    parser.add_argument("--width", choices=tuple(WIDTHS), default="flux-dev")
     args = parser.parse_args()
+    config = WIDTHS[args.width]
     print(f"flux_block_memory: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"FLUX.1-dev width, LoRA rank 16, {args.resolution} px, batch 1, 512 text tokens; "
+          f"{args.width} width, LoRA rank 16, {args.resolution} px, batch 1, 512 text tokens; "
           f"coat-compiled partitioned by {args.compiled_backend}")
-    print(f"{'recipe':14s} {'double':>8s} {'single':>8s} {'rest':>6s} {'19 + 38 blocks':>15s} "
+    blocks = f"{config['num_layers']} + {config['num_single_layers']} blocks"
+    print(f"{'recipe':14s} {'double':>8s} {'single':>8s} {'rest':>6s} {blocks:>15s} "
           f"{'+ weights':>10s}  (MiB; saved activations, weights excluded unless added)")
     for recipe in args.recipes:
-        weights, _ = weight_bytes(recipe)
+        weights, _ = weight_bytes(recipe, config)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "FP8 GEMMs need a CUDA GPU", diffusers' float32 note
-            sizes = {layout: saved_bytes(recipe, *layout, args.resolution, args.compiled_backend)
+            sizes = {layout: saved_bytes(recipe, *layout, args.resolution, args.compiled_backend, config)
                      for layout in LAYOUTS}
         double = sizes[(2, 1)] - sizes[(1, 1)]
         single = sizes[(1, 2)] - sizes[(1, 1)]
         rest = sizes[(1, 1)] - double - single
-        total = FLUX_DEV_CONFIG["num_layers"] * double + FLUX_DEV_CONFIG["num_single_layers"] * single + rest
+        total = config["num_layers"] * double + config["num_single_layers"] * single + rest
         print(f"{recipe:14s} {double / MIB:8.1f} {single / MIB:8.1f} {rest / MIB:6.1f} {total / MIB:15.0f} "
               f"{(total + weights) / MIB:10.0f}  ({time.perf_counter() - start:.0f} s)")
 
