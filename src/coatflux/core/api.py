@@ -116,10 +116,11 @@ def _float8_available() -> bool:
     return hasattr(torch, "float8_e4m3fn") and hasattr(torch, "float8_e5m2")
 
 
-def _new_context(config: COATConfig, **parts: Any) -> COATContext:
+def _new_context(config: COATConfig, compressor: ActivationCompressor | None = None,
+                 input_cache: InputCache | None = None, **fields: Any) -> COATContext:
+    """A context with the model's GEMM planner (one per model, if ``gemm_autotune``)."""
     planner = GemmPlanner() if config.activation.gemm_autotune else None
-    return COATContext(config, parts.pop("compressor", None), parts.pop("input_cache", None) or InputCache(),
-                       planner=planner, **parts)
+    return COATContext(config, compressor, input_cache or InputCache(), planner=planner, **fields)
 
 
 def _convert_linears(model: nn.Module, context: COATContext) -> list[str]:

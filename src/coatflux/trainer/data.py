@@ -230,7 +230,8 @@ class Item:
 
     def pixel_identity(self) -> dict[str, Any]:
         """Everything that determines the pixels the VAE sees (the latent cache key)."""
-        return {"image_sha256": self.record.sha256, "decoder": PIXEL_DECODER_REVISION, "resolution": self.resolution, "bucket": list(self.crop.bucket),
+        return {"image_sha256": self.record.sha256, "decoder": PIXEL_DECODER_REVISION,
+                "resolution": self.resolution, "bucket": list(self.crop.bucket),
                 "scaled": list(self.crop.scaled), "crop": [self.crop.left, self.crop.top],
                 "flip_x": self.flip_x, "flip_y": self.flip_y}
 
