@@ -182,7 +182,11 @@ def _quantize_tensor(flat: torch.Tensor, fmt_max: torch.Tensor | float,
     # with dynamic shapes specializes on, so a larger tensor later would compile it again.
     blocks = torch.nn.functional.pad(flat, (0, (-flat.shape[0]) % (2 * AMAX_BLOCK))).reshape(-1, AMAX_BLOCK)
     amax = _finite_abs(blocks).amax(dim=1).amax()
-    scale = amax / fmt_max
+    # Divided in fp64, then rounded to fp32: that is the correctly rounded fp32 quotient (double
+    # rounding is harmless for division, 53 >= 2 * 24 + 2), whatever inductor makes of an fp32
+    # division -- Triton's approximate div.full, or a multiplication by the reciprocal. An fp32
+    # division here gave a scale one ulp off the reference on an H100 (torch 2.11).
+    scale = (amax.double() / fmt_max).float()
     scale = torch.where((amax > 0) & (scale > 0), scale, torch.ones_like(scale))  # as scale_from_amax
     codes = _saturate(flat.float() / scale, fmt).to(fmt.dtype)
     return codes, scale
@@ -245,9 +249,10 @@ def group_pow2_values_ops(rows: torch.Tensor, exponent: torch.Tensor, group: int
 def tensor_scale_ops(x: torch.Tensor, fmt: str | FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-tensor quantizer's operations, uncompiled: ``(codes shaped like x, fp32 scale)``.
 
-    The format maximum is a Python number here, so inductor may divide by multiplying with its
-    reciprocal (a last-bit difference from the reference, which the compiled paths' SQNR tests
-    allow); :func:`quantize_tensor` is the byte-exact entry point. (A tensor made for it inside a
+    The scale is the reference's bit for bit (see :func:`_quantize_tensor`); the codes' division
+    follows the enclosing graph's inductor options, so a code may differ from the reference's in
+    a last-bit tie (the compiled paths' SQNR tests allow it); :func:`quantize_tensor` is the
+    byte-exact entry point. (A tensor made for it inside a
     custom autograd function's backward fails to trace with dynamic shapes in torch 2.13.)
     """
     fmt = get_format(fmt)
