@@ -50,8 +50,10 @@ timeout 200 python3 benchmarks/profile_step.py --preset flux-dev --resolution 51
 echo "profile exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/profile.txt"
 
 # The bench, run directly: it disables cuDNN attention itself and writes bench.json / benchmarks.md
-# after every config, so a kill keeps what ran.
-timeout 170 python3 -m coatflux.bench --preset flux-dev --resolutions 1024 512 --steps 10 --warmup 2 \
+# after every config, so a kill keeps what ran. TORCH_LOGS=recompiles: the last run's coat-compiled
+# compiled again (62 s) at its first 512 px step, for a reason not yet known; bf16-compiled, which
+# also goes from 1024 to 512 px here, names the guard if it is diffusers' and not COAT's.
+TORCH_LOGS=recompiles timeout 170 python3 -m coatflux.bench --preset flux-dev --resolutions 1024 512 --steps 10 --warmup 2 \
   --configs bf16 coat bf16-compiled coat+ckpt fp8-storage torchao-float8 \
   --order config --max-batch-configs coat --max-batch-steps 2 --budget-s 140 \
   --json "$OUT/bench.json" --markdown "$OUT/benchmarks.md" 2>&1 \
