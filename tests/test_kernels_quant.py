@@ -191,3 +191,17 @@ def test_per_tensor_scale_over_several_amax_blocks():
     for dtype in (torch.float32, torch.bfloat16):
         _check_tensor(x.to(dtype), E4M3, "inductor")
     assert quant.AMAX_BLOCK < x.numel() < 3 * quant.AMAX_BLOCK
+
+
+def test_scale_divided_in_fp64_is_the_fp32_quotient():
+    """``_quantize_tensor`` divides ``amax`` in fp64 and rounds to fp32, so that no backend's fp32
+    division (Triton's approximate ``div.full``, a reciprocal multiply) can change the scale. That
+    relies on double rounding being harmless for division (53 >= 2 * 24 + 2): checked here on
+    random amax over the whole fp32 range, subnormal quotients included."""
+    gen = torch.Generator().manual_seed(3)
+    bits = torch.randint(0, 0x7F800000, (1_000_000,), generator=gen, dtype=torch.int32)
+    amax = bits.view(torch.float32)
+    for fmt in FORMATS:
+        exact = amax / fmt.max
+        via_fp64 = (amax.double() / torch.tensor(fmt.max, dtype=torch.float32).double()).float()
+        assert torch.equal(exact.view(torch.int32), via_fp64.view(torch.int32))
