@@ -256,8 +256,13 @@ def test_compiled_blocks_train_like_eager_coat_with_and_without_checkpointing(ti
     fp8 = sum(t.numel() for t in activations if t.dtype == torch.float8_e4m3fn)
     wide = sum(t.numel() * t.element_size() for t in activations if t.dtype in (torch.bfloat16, torch.float32))
     assert fp8 > 4 * wide  # the blocks keep FP8, but for attention's tensors:
+    # q, k and v of every block; the single blocks' attention output is saved as the (batch, tokens,
+    # width) view that their concatenation, recomputed in backward (COAT_RECOMPUTE), is made from
     attention = [t for t in saved if t.dim() == 4 and t.shape[1] == 4]  # (batch, heads, tokens, head dim)
-    assert len(attention) >= 4 * 4 and all(t.dtype == torch.bfloat16 for t in attention)
+    assert len(attention) >= 4 * 3 and all(t.dtype == torch.bfloat16 for t in attention)
+    tokens = data["hidden_states"].shape[1] + data["encoder_hidden_states"].shape[1]
+    concatenation = (tokens, 64 + 4 * 64)  # a single block's attention output and GELU output, side by side
+    assert not any(tuple(t.shape[-2:]) == concatenation for t in saved)
 
     # the accounting sees what the compiled graphs keep (read from the autograd graph) and the eager rest
     eager_model, _ = _tiny(tiny_base, COATConfig(activation=ActivationConfig(**activation)))

@@ -37,6 +37,7 @@ from torch import nn
 from coatflux.core.activation import ActivationCompressor, is_attention_module
 from coatflux.core.compiled import (
     COAT_PARTITIONER,
+    COAT_RECOMPUTE,
     SavedTensorCompression,
     compile_blocks,
     inline_hooks_available,
@@ -261,7 +262,8 @@ def _apply_compiled(model: nn.Module, config: COATConfig, device: torch.device |
     in_graph = config.activation.fp8_gemm and fp8_gemm_support(_model_device(model, device)).available
     context = _new_context(config, compression=SavedTensorCompression(config.activation), fp8_gemm_in_graph=in_graph)
     context.converted = _convert_linears(model, context)
-    context.compiled_blocks = compile_blocks(model, partitioner=COAT_PARTITIONER, **compile_options)
+    context.compiled_blocks = compile_blocks(model, partitioner=COAT_PARTITIONER, recompute=COAT_RECOMPUTE,
+                                             **compile_options)
     return context
 
 

@@ -46,6 +46,11 @@ What we chose against:
   separate pass over memory, and the eager path's weak-keyed caches and hooks would have to be
   made replay-safe.
 
+What the partitioner stores is steered twice, for COAT's blocks only: :data:`COAT_PARTITIONER`
+lets it recompute element-wise outputs that backward materialises, and :data:`COAT_RECOMPUTE`
+(through the :class:`RecomputeOps` backend) has it recompute a concatenation that feeds a linear
+(FLUX's single block) from the parts it keeps anyway, as eager COAT stores such a concatenation.
+
 Two things keep the compile cost to one graph per block class: :class:`UniformStreamInputs`
 gives the first block of each class the input layout the later ones see, and models with equal
 activation configs share one pair of hooks (dynamo guards on the hooks' identity). And
@@ -279,7 +284,7 @@ STREAM_INPUTS = ("hidden_states", "encoder_hidden_states")  # diffusers' name fo
 
 def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
                    stream_inputs: Iterable[str] = STREAM_INPUTS, partitioner: Mapping[str, Any] | None = None,
-                   **compile_kwargs: Any) -> list[str]:
+                   recompute: Iterable[Any] = (), **compile_kwargs: Any) -> list[str]:
     """``torch.compile`` every module whose class name is in ``block_classes``; returns their names.
 
     ``block_classes`` defaults to the model's ``_repeated_blocks`` (diffusers' convention). Each
@@ -291,7 +296,7 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
     made uniform before each call, see :class:`UniformStreamInputs`: every block of a class then
     runs the same graph, where otherwise the first block of each class compiles a second one.
     ``partitioner`` overrides ``torch._functorch.config`` while the blocks compile (see
-    :data:`COAT_PARTITIONER`).
+    :data:`COAT_PARTITIONER`); ``recompute`` names ops backward recomputes (see :data:`COAT_RECOMPUTE`).
     """
     classes = tuple(block_classes if block_classes is not None else getattr(model, "_repeated_blocks", ()) or ())
     if not classes:
@@ -304,7 +309,7 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
     for name in names:
         block = model.get_submodule(name)
         uniform.attach(block)
-        compile_module(block, partitioner=partitioner, **compile_kwargs)
+        compile_module(block, partitioner=partitioner, recompute=recompute, **compile_kwargs)
     return names
 
 
@@ -319,8 +324,89 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
 #: time not yet measured). Plain (bf16) compiled blocks keep PyTorch's default.
 COAT_PARTITIONER: Mapping[str, Any] = {"ban_recompute_materialized_backward": False}
 
+#: Ops of COAT's blocks that backward recomputes instead of storing (see :class:`RecomputeOps`).
+#: FLUX's single block concatenates the attention output with the GELU output (four times wider)
+#: and feeds the result to ``proj_out``, whose LoRA weight gradient reads it. ``cat`` is not on the
+#: partitioner's recompute allowlist, so the block stored an FP8 copy of the whole concatenation
+#: beside the GELU input and the attention output it is made of (as eager COAT did before it stored
+#: a concatenation as its parts). Recomputed, the concatenation costs backward one copy of those two.
+COAT_RECOMPUTE: tuple[Any, ...] = (torch.cat, torch.concat, torch.concatenate)
 
-def compile_module(module: nn.Module, partitioner: Mapping[str, Any] | None = None, **compile_kwargs: Any) -> None:
+
+class RecomputeOps:
+    """A ``torch.compile`` backend: marks the ops of the captured graph that are in ``ops`` and
+    feed a GEMM to be recomputed in backward, then compiles the graph with ``backend`` (a name, as
+    ``torch.compile`` takes it, or a backend callable).
+
+    How: the mark is the one activation checkpointing leaves (``node.meta["recompute"]``), which
+    AOTAutograd copies to the ops it traces from that node and its min-cut partitioner honours
+    with any backend built on it (inductor, ``aot_eager``). Chosen against wrapping the blocks in
+    ``torch.utils.checkpoint`` with a selective policy, which would also put every other op of the
+    block in a checkpoint region, and against inductor's ``joint_custom_pre_pass``, which other
+    backends do not run. One instance serves every block (see :func:`recompute_backend`): dynamo
+    compares backends when it reuses a graph.
+    """
+
+    def __init__(self, ops: Iterable[Any], backend: Any = "inductor", mode: str | None = None,
+                 options: Mapping[str, Any] | None = None, dynamic: bool | None = None) -> None:
+        self.ops = frozenset(ops)
+        if callable(backend):
+            if mode is not None or options:
+                raise ValueError("RecomputeOps: mode and options go with a backend name, not a backend callable")
+            self.inner = backend
+        elif backend == "inductor":
+            self.inner = torch._TorchCompileInductorWrapper(mode, dict(options or {}), dynamic)
+        else:
+            self.inner = torch._TorchCompileWrapper(backend, mode, dict(options or {}), dynamic)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
+        from torch.utils.checkpoint import CheckpointPolicy
+
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in self.ops and _feeds_gemm(node):
+                node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        return self.inner(gm, example_inputs)
+
+    def __getattr__(self, name: str) -> Any:  # reset(), get_compiler_config(): dynamo asks the backend
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+_GEMMS = (torch.matmul, operator.matmul, torch.mm, torch.addmm, torch.bmm, torch.nn.functional.linear)
+_RESHAPES = ("reshape", "view", "flatten", "contiguous", "to")
+
+
+def _feeds_gemm(node: fx.Node, depth: int = 3) -> bool:
+    """Whether ``node``'s value is a GEMM operand (a linear's input), directly or through reshapes.
+
+    Only such ops are recomputed: backward has to materialise a GEMM operand anyway, which is why
+    the partitioner stores it. FLUX's double blocks also concatenate (text and image queries, keys
+    and values along the tokens); those feed attention, and marking them stored 24 MiB more per
+    double block (``benchmarks/flux_block_memory.py``).
+    """
+    for user in node.users:
+        if user.op == "call_function" and user.target in _GEMMS:
+            return True
+        if depth and user.op == "call_method" and user.target in _RESHAPES and _feeds_gemm(user, depth - 1):
+            return True
+    return False
+
+
+@functools.cache
+def _shared_recompute_backend(ops: tuple[Any, ...], backend: Any, mode: str | None,
+                              options: tuple[tuple[str, Any], ...], dynamic: bool | None) -> RecomputeOps:
+    return RecomputeOps(ops, backend, mode, dict(options), dynamic)
+
+
+def recompute_backend(ops: Iterable[Any], backend: Any = "inductor", mode: str | None = None,
+                      options: Mapping[str, Any] | None = None, dynamic: bool | None = None) -> RecomputeOps:
+    """The :class:`RecomputeOps` for these arguments, one instance per distinct set of them."""
+    return _shared_recompute_backend(tuple(ops), backend, mode, tuple(sorted((options or {}).items())), dynamic)
+
+
+def compile_module(module: nn.Module, partitioner: Mapping[str, Any] | None = None,
+                   recompute: Iterable[Any] = (), **compile_kwargs: Any) -> None:
     """``module.compile(**compile_kwargs)``, tracing every Python float it reads as a constant.
 
     Why: with dynamic shapes (``dynamic=True``, ai-toolkit's ``compile_dynamic`` default) dynamo
@@ -331,8 +417,14 @@ def compile_module(module: nn.Module, partitioner: Mapping[str, Any] | None = No
     any constant does); sizes stay dynamic. Dynamo's config patch is thread-local and lasts for
     each call only. It wraps the callable that ``nn.Module.compile`` keeps on the module: this is
     the one place that slot is touched. ``partitioner`` (``torch._functorch.config`` keys) is set the
-    same way, for the calls that compile.
+    same way, for the calls that compile. ``recompute`` names ops that backward recomputes rather
+    than stores (through :func:`recompute_backend`, which takes the ``backend``, ``mode`` and
+    ``options`` given).
     """
+    recompute = tuple(recompute)
+    if recompute:
+        backend_args = {key: compile_kwargs.pop(key) for key in ("backend", "mode", "options") if key in compile_kwargs}
+        compile_kwargs["backend"] = recompute_backend(recompute, dynamic=compile_kwargs.get("dynamic"), **backend_args)
     module.compile(**compile_kwargs)
     call = torch._dynamo.config.patch(specialize_float=True)(module._compiled_call_impl)
     if partitioner:
