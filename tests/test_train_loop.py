@@ -253,7 +253,7 @@ def test_ai_toolkit_block_compile_compiles_the_blocks(tmp_path: Path, tiny_flux_
                    train={"batch_size": 2, "steps": 2, "lr": 1e-3, "dtype": "bf16", "disable_sampling": True,
                           "optimizer": "coat_fp8_adamw" if coat else "adamw", "gradient_checkpointing": False})
     result = run_job(tmp_path, job)
-    partitioner = {"partitioner": compiled.COAT_PARTITIONER} if coat else {}
+    partitioner = {"partitioner": compiled.COAT_PARTITIONER, "recompute": compiled.COAT_RECOMPUTE} if coat else {}
     assert calls == [{"mode": "default", "dynamic": coat, "fullgraph": False, **partitioner}]
     assert result.steps == 2 and result.lora_path.is_file()
     out = capsys.readouterr().out
