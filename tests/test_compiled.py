@@ -430,7 +430,7 @@ def test_recompute_backend_marks_only_concatenations_that_feed_a_gemm():
     only feeds element-wise ops; one backend instance per set of arguments (dynamo compares them)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    from coatflux.core.compiled import COAT_RECOMPUTE, RecomputeOps, recompute_backend
+    from coatflux.core.compiled import COAT_RECOMPUTE, PartitioningBackend, partitioning_backend
 
     def block(a, b, w):
         feeds_gemm = torch.cat([a, b], dim=-1).reshape(-1, 8) @ w
@@ -443,13 +443,13 @@ def test_recompute_backend_marks_only_concatenations_that_feed_a_gemm():
         marks.extend((node.target, node.meta.get("recompute")) for node in gm.graph.nodes if node.target is torch.cat)
         return gm.forward
 
-    backend = RecomputeOps(COAT_RECOMPUTE, inner)
+    backend = PartitioningBackend(COAT_RECOMPUTE, inner)
     a, b, w = torch.randn(3, 4), torch.randn(3, 4), torch.randn(8, 5)
     torch._dynamo.reset()
     out = torch.compile(block, backend=backend, fullgraph=True)(a, b, w)
     torch.testing.assert_close(out, block(a, b, w))
     assert sorted(str(mark) for _, mark in marks) == sorted([str(CheckpointPolicy.MUST_RECOMPUTE), "None"])
-    assert recompute_backend(COAT_RECOMPUTE, "aot_eager", dynamic=True) is recompute_backend(
+    assert partitioning_backend(COAT_RECOMPUTE, "aot_eager", dynamic=True) is partitioning_backend(
         COAT_RECOMPUTE, "aot_eager", dynamic=True)
     with pytest.raises(ValueError, match="mode and options go with a backend name"):
-        RecomputeOps(COAT_RECOMPUTE, inner, mode="max-autotune")
+        PartitioningBackend(COAT_RECOMPUTE, inner, mode="max-autotune")

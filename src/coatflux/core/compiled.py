@@ -48,7 +48,7 @@ What we chose against:
 
 What the partitioner stores is steered twice, for COAT's blocks only: :data:`COAT_PARTITIONER`
 lets it recompute element-wise outputs that backward materialises, and :data:`COAT_RECOMPUTE`
-(through the :class:`RecomputeOps` backend) has it recompute a concatenation that feeds a linear
+(both through the :class:`PartitioningBackend`) has it recompute a concatenation that feeds a linear
 (FLUX's single block) from the parts it keeps anyway, as eager COAT stores such a concatenation.
 
 Two things keep the compile cost to one graph per block class: :class:`UniformStreamInputs`
@@ -324,7 +324,7 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
 #: time not yet measured). Plain (bf16) compiled blocks keep PyTorch's default.
 COAT_PARTITIONER: Mapping[str, Any] = {"ban_recompute_materialized_backward": False}
 
-#: Ops of COAT's blocks that backward recomputes instead of storing (see :class:`RecomputeOps`).
+#: Ops of COAT's blocks that backward recomputes instead of storing (see :class:`PartitioningBackend`).
 #: FLUX's single block concatenates the attention output with the GELU output (four times wider)
 #: and feeds the result to ``proj_out``, whose LoRA weight gradient reads it. ``cat`` is not on the
 #: partitioner's recompute allowlist, so the block stored an FP8 copy of the whole concatenation
@@ -333,26 +333,31 @@ COAT_PARTITIONER: Mapping[str, Any] = {"ban_recompute_materialized_backward": Fa
 COAT_RECOMPUTE: tuple[Any, ...] = (torch.cat, torch.concat, torch.concatenate)
 
 
-class RecomputeOps:
-    """A ``torch.compile`` backend: marks the ops of the captured graph that are in ``ops`` and
-    feed a GEMM to be recomputed in backward, then compiles the graph with ``backend`` (a name, as
-    ``torch.compile`` takes it, or a backend callable).
+class PartitioningBackend:
+    """A ``torch.compile`` backend that steers how AOTAutograd splits a block into forward and
+    backward, then compiles the graph with ``backend`` (a name, as ``torch.compile`` takes it, or a
+    backend callable).
 
-    How: the mark is the one activation checkpointing leaves (``node.meta["recompute"]``), which
-    AOTAutograd copies to the ops it traces from that node and its min-cut partitioner honours
-    with any backend built on it (inductor, ``aot_eager``). Chosen against wrapping the blocks in
-    ``torch.utils.checkpoint`` with a selective policy, which would also put every other op of the
-    block in a checkpoint region, and against inductor's ``joint_custom_pre_pass``, which other
-    backends do not run. One instance serves every block (see :func:`recompute_backend`): dynamo
-    compares backends when it reuses a graph.
+    Two levers, both applied while the graph compiles (partitioning happens then, once per graph,
+    so the step itself pays nothing): ``partitioner`` overrides ``torch._functorch.config`` (see
+    :data:`COAT_PARTITIONER`), and the ops in ``ops`` that feed a GEMM are marked to be recomputed
+    in backward (see :data:`COAT_RECOMPUTE`). The mark is the one activation checkpointing leaves
+    (``node.meta["recompute"]``), which AOTAutograd copies to the ops it traces from that node and
+    its min-cut partitioner honours with any backend built on it (inductor, ``aot_eager``). Chosen
+    against wrapping the blocks in ``torch.utils.checkpoint`` with a selective policy, which would
+    also put every other op of the block in a checkpoint region, and against inductor's
+    ``joint_custom_pre_pass``, which other backends do not run. One instance serves every block
+    (see :func:`partitioning_backend`): dynamo compares backends when it reuses a graph.
     """
 
     def __init__(self, ops: Iterable[Any], backend: Any = "inductor", mode: str | None = None,
-                 options: Mapping[str, Any] | None = None, dynamic: bool | None = None) -> None:
+                 options: Mapping[str, Any] | None = None, dynamic: bool | None = None,
+                 partitioner: Mapping[str, Any] | None = None) -> None:
         self.ops = frozenset(ops)
+        self.partitioner = dict(partitioner or {})
         if callable(backend):
             if mode is not None or options:
-                raise ValueError("RecomputeOps: mode and options go with a backend name, not a backend callable")
+                raise ValueError("PartitioningBackend: mode and options go with a backend name, not a backend callable")
             self.inner = backend
         elif backend == "inductor":
             self.inner = torch._TorchCompileInductorWrapper(mode, dict(options or {}), dynamic)
@@ -365,7 +370,8 @@ class RecomputeOps:
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target in self.ops and _feeds_gemm(node):
                 node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-        return self.inner(gm, example_inputs)
+        with torch._functorch.config.patch(**self.partitioner):
+            return self.inner(gm, example_inputs)
 
     def __getattr__(self, name: str) -> Any:  # reset(), get_compiler_config(): dynamo asks the backend
         if name == "inner":
@@ -394,15 +400,17 @@ def _feeds_gemm(node: fx.Node, depth: int = 3) -> bool:
 
 
 @functools.cache
-def _shared_recompute_backend(ops: tuple[Any, ...], backend: Any, mode: str | None,
-                              options: tuple[tuple[str, Any], ...], dynamic: bool | None) -> RecomputeOps:
-    return RecomputeOps(ops, backend, mode, dict(options), dynamic)
+def _shared_backend(ops: tuple[Any, ...], backend: Any, mode: str | None, options: tuple[tuple[str, Any], ...],
+                    dynamic: bool | None, partitioner: tuple[tuple[str, Any], ...]) -> PartitioningBackend:
+    return PartitioningBackend(ops, backend, mode, dict(options), dynamic, dict(partitioner))
 
 
-def recompute_backend(ops: Iterable[Any], backend: Any = "inductor", mode: str | None = None,
-                      options: Mapping[str, Any] | None = None, dynamic: bool | None = None) -> RecomputeOps:
-    """The :class:`RecomputeOps` for these arguments, one instance per distinct set of them."""
-    return _shared_recompute_backend(tuple(ops), backend, mode, tuple(sorted((options or {}).items())), dynamic)
+def partitioning_backend(ops: Iterable[Any], backend: Any = "inductor", mode: str | None = None,
+                         options: Mapping[str, Any] | None = None, dynamic: bool | None = None,
+                         partitioner: Mapping[str, Any] | None = None) -> PartitioningBackend:
+    """The :class:`PartitioningBackend` for these arguments, one instance per distinct set of them."""
+    return _shared_backend(tuple(ops), backend, mode, tuple(sorted((options or {}).items())), dynamic,
+                           tuple(sorted((partitioner or {}).items())))
 
 
 def compile_module(module: nn.Module, partitioner: Mapping[str, Any] | None = None,
@@ -416,20 +424,17 @@ def compile_module(module: nn.Module, partitioner: Mapping[str, Any] | None = No
     they are taken as constants from the start (a changed value fails a guard and recompiles, as
     any constant does); sizes stay dynamic. Dynamo's config patch is thread-local and lasts for
     each call only. It wraps the callable that ``nn.Module.compile`` keeps on the module: this is
-    the one place that slot is touched. ``partitioner`` (``torch._functorch.config`` keys) is set the
-    same way, for the calls that compile. ``recompute`` names ops that backward recomputes rather
-    than stores (through :func:`recompute_backend`, which takes the ``backend``, ``mode`` and
-    ``options`` given).
+    the one place that slot is touched. ``partitioner`` (``torch._functorch.config`` keys) and
+    ``recompute`` (ops backward recomputes rather than stores) steer the forward/backward split
+    through :func:`partitioning_backend`, which takes the ``backend``, ``mode`` and ``options`` given.
     """
     recompute = tuple(recompute)
-    if recompute:
+    if partitioner or recompute:
         backend_args = {key: compile_kwargs.pop(key) for key in ("backend", "mode", "options") if key in compile_kwargs}
-        compile_kwargs["backend"] = recompute_backend(recompute, dynamic=compile_kwargs.get("dynamic"), **backend_args)
+        compile_kwargs["backend"] = partitioning_backend(recompute, dynamic=compile_kwargs.get("dynamic"),
+                                                         partitioner=partitioner, **backend_args)
     module.compile(**compile_kwargs)
-    call = torch._dynamo.config.patch(specialize_float=True)(module._compiled_call_impl)
-    if partitioner:
-        call = torch._functorch.config.patch(**partitioner)(call)
-    module._compiled_call_impl = call
+    module._compiled_call_impl = torch._dynamo.config.patch(specialize_float=True)(module._compiled_call_impl)
 
 
 class UniformStreamInputs:
