@@ -192,6 +192,73 @@ def _traced_against_eager(trainable: bool, scaled_mm: bool, backend: str, device
         assert e.shape == t.shape and sqnr_db(e, t) > 30
 
 
+def test_compiled_linear_multiplies_plainly_below_its_planned_rows():
+    """Under its row plan a compiled layer multiplies the unquantized input with the upcast FP8 weight
+    (and keeps only the FP8 weight for backward); above it, the FP8 GEMM. The boundary is a guard."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    layer = FP8Linear.from_linear(nn.Linear(64, 48, dtype=torch.bfloat16).requires_grad_(False))
+    layer.fp8_gemm_in_graph = True
+    unplanned = copy.deepcopy(layer)
+    layer.row_plan = ((1, False), (64, True))
+
+    def run(fn, rows):
+        torch.manual_seed(rows)
+        x = torch.randn(rows, 64, dtype=torch.bfloat16, requires_grad=True)
+        y = fn(x)
+        saved = compiled_saved_tensors(y)
+        y.backward(torch.ones_like(y))
+        return y.detach(), x.grad, saved
+
+    reference = torch.compile(unplanned, backend="aot_eager", dynamic=True, fullgraph=True)
+    expected = {rows: run(reference, rows) for rows in (128, 256)}
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager_decomp_partition")  # inductor's partitioner
+    backend = compiled_mod.PartitioningBackend((), counter, partitioner=compiled_mod.COAT_PARTITIONER)
+    compiled = torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
+    graphs = []
+    for rows in (128, 256):  # FP8: the layer without a plan, byte for byte
+        y, grad, _ = run(compiled, rows)
+        assert torch.equal(y, expected[rows][0]) and torch.equal(grad, expected[rows][1])
+        graphs.append(counter.frame_count)
+    assert graphs[0] == graphs[1]  # the same side of the plan's boundary: no new graph
+    y, grad, saved = run(compiled, 32)  # plain: x @ W^T + b and g @ W with the upcast weight
+    torch.manual_seed(32)
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    w = layer.weight  # the upcast FP8 weight
+    assert torch.equal(y, x @ w.t() + layer.bias) and torch.equal(grad, torch.ones(32, 48, dtype=torch.bfloat16) @ w)
+    assert counter.frame_count == graphs[1] + 1  # the plan's boundary compiled the layer once more
+    assert not any(t.dtype == torch.bfloat16 and t.shape == (48, 64) for t in saved)  # no bf16 weight kept
+    assert any(t.dtype == torch.float8_e4m3fn and t.shape == (48, 64) for t in saved)
+
+
+def test_apply_coat_plans_each_linear_of_compiled_blocks_by_rows(monkeypatch, tiny_base):
+    from coatflux.core import api
+    from coatflux.core.gemm import GemmPlanner, GemmSupport
+
+    timed = []
+
+    def faster(self, device, m, n, k, dtype):
+        timed.append((n, k))
+        return m >= 1024
+
+    monkeypatch.setattr(api, "fp8_gemm_support", lambda device: GemmSupport(True, ""))
+    monkeypatch.setattr(GemmPlanner, "_fp8_linear_is_faster", faster)
+    model = copy.deepcopy(tiny_base)
+    apply_coat(model, COMPILED, compile_options={"backend": "aot_eager"})
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert layers and all(m.fp8_gemm_in_graph and m.row_plan == ((1, False), (1024, True)) for m in layers)
+    shapes = {(m.out_features, m.in_features) for m in layers}
+    assert len(timed) == len(shapes) * 9  # each shape once, at every rung
+    outside = model.coat_context.fp8_linear(nn.Linear(32, 16).requires_grad_(False))  # ai-toolkit's bases
+    assert outside.row_plan == ((1, False), (1024, True))
+    model = copy.deepcopy(tiny_base)
+    apply_coat(model, COATConfig(activation=ActivationConfig(compile_blocks=True, gemm_autotune=False)),
+               compile_options={"backend": "aot_eager"})
+    assert all(m.row_plan is None for m in model.modules() if isinstance(m, FP8Linear))
+
+
 # --- the tiny FLUX, blocks compiled -----------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -158,6 +159,63 @@ def test_gemm_planner_decides_each_shape_once(monkeypatch):
     assert layer.planner.measured == [(1024, 48, 64), (16, 48, 64)]  # each shape timed once
     assert layer.gemm_uses_fp8(dev, 1024, 40, 64) is False  # N not a multiple of 16: never FP8
     assert len(layer.planner.choices) == 2
+
+
+def test_row_plan_merges_equal_rungs_and_times_each_shape_once():
+    from coatflux.core.gemm import PLAN_ROWS, GemmPlanner, fp8_for_rows
+
+    measured = []
+
+    class Planner(GemmPlanner):
+        def _fp8_linear_is_faster(self, device, m, n, k, dtype):
+            measured.append((m, n, k))
+            return m == 1 or m >= 1024  # stands in for the timing: a GEMV and large GEMMs pay
+
+    planner = Planner()
+    dev = torch.device("cpu")
+    plan = planner.row_plan(dev, 48, 64, torch.bfloat16)
+    assert plan == ((1, True), (64, False), (1024, True))
+    assert planner.row_plan(dev, 48, 64, torch.bfloat16) is plan
+    assert measured == [(m, 48, 64) for m in PLAN_ROWS]  # one timing per rung, once per shape
+    planner.row_plan(dev, 64, 64, torch.bfloat16)
+    assert len(measured) == 2 * len(PLAN_ROWS) and len(planner.plans) == 2
+    decisions = {rows: fp8_for_rows(plan, rows) for rows in (1, 2, 63, 64, 1023, 1024, 10**6)}
+    assert decisions == {1: True, 2: True, 63: True, 64: False, 1023: False, 1024: True, 10**6: True}
+    assert fp8_for_rows(((1, False),), 10**6) is False
+
+
+def test_row_plan_times_the_fp8_and_the_plain_linear():
+    from coatflux.core.gemm import GemmPlanner
+
+    outputs = []
+
+    def timer(fn, device):
+        outputs.append(fn())
+        return -float(len(outputs))  # the path timed second (plain) is reported faster
+
+    planner = GemmPlanner(timer=timer)
+    try:
+        faster = planner._fp8_linear_is_faster(torch.device("cpu"), 32, 48, 64, torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        pytest.skip("this PyTorch build has no CPU torch._scaled_mm to time")
+    fp8, plain = outputs
+    assert faster is False
+    # both paths end with the input gradient of the same random linear, FP8 (E5M2 gradient) or not
+    assert fp8.shape == plain.shape == (32, 64) and fp8.dtype == plain.dtype == torch.bfloat16
+    assert sqnr_db(plain.float(), fp8.float()) > 20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
+def test_row_plan_on_gpu_is_measured_and_well_formed():
+    from coatflux.core.gemm import GemmPlanner
+
+    planner = GemmPlanner()
+    for n, k in ((3072, 3072), (12288, 3072), (3072, 12288)):  # FLUX.1-dev's attention and MLP linears
+        plan = planner.row_plan(torch.device("cuda"), n, k, torch.bfloat16)
+        rows = [r for r, _ in plan]
+        assert rows[0] == 1 and rows == sorted(set(rows))
+        assert all(a[1] != b[1] for a, b in itertools.pairwise(plan))
 
 
 def test_gemm_planner_compares_the_two_real_gemm_paths():

@@ -43,7 +43,7 @@ from coatflux.core.compiled import (
     inline_hooks_available,
 )
 from coatflux.core.config import ActivationConfig, COATConfig
-from coatflux.core.gemm import GemmPlanner, fp8_gemm_support
+from coatflux.core.gemm import GemmPlanner, fp8_gemm_support, shape_supported
 from coatflux.core.linear import FP8Linear, InputCache
 from coatflux.core.nonlinear import fused_replacement
 from coatflux.core.optim import FP8AdamW
@@ -66,6 +66,7 @@ class COATContext:
     compiled_blocks: list[str] = field(default_factory=list)
     planner: GemmPlanner | None = None  # per-shape FP8-or-not decisions of the eager GEMMs
     fp8_gemm_in_graph: bool = False  # compiled blocks multiply on FP8 tensor cores
+    plan_device: torch.device | None = None  # where the planner times each linear's row plan (compiled blocks)
     _stacks: list[contextlib.ExitStack] = field(default_factory=list)
     _scopes: list[contextlib.AbstractContextManager] = field(default_factory=list)
 
@@ -78,6 +79,9 @@ class COATContext:
         layer = FP8Linear.from_linear(linear, self.config.activation, self.input_cache, trainable)
         layer.planner = self.planner
         layer.fp8_gemm_in_graph = self.fp8_gemm_in_graph
+        n, k = layer.out_features, layer.in_features
+        if self.planner is not None and self.plan_device is not None and shape_supported(1, n, k):
+            layer.row_plan = self.planner.row_plan(self.plan_device, n, k, layer.compute_dtype)
         return layer
 
     def enter(self, module: nn.Module, args: Any) -> None:
@@ -259,8 +263,11 @@ def _apply_compiled(model: nn.Module, config: COATConfig, device: torch.device |
     available, reason = inline_hooks_available()
     if not available:
         raise RuntimeError(f"coat.activation.compile_blocks: {reason}. Set compile_blocks: false for eager COAT.")
-    in_graph = config.activation.fp8_gemm and fp8_gemm_support(_model_device(model, device)).available
-    context = _new_context(config, compression=SavedTensorCompression(config.activation), fp8_gemm_in_graph=in_graph)
+    model_device = _model_device(model, device)
+    in_graph = config.activation.fp8_gemm and fp8_gemm_support(model_device).available
+    # With gemm_autotune, each linear's FP8-or-plain plan is timed now, before anything compiles.
+    context = _new_context(config, compression=SavedTensorCompression(config.activation), fp8_gemm_in_graph=in_graph,
+                           plan_device=model_device if in_graph else None)
     context.converted = _convert_linears(model, context)
     context.compiled_blocks = compile_blocks(model, partitioner=COAT_PARTITIONER, recompute=COAT_RECOMPUTE,
                                              **compile_options)

@@ -113,7 +113,8 @@ class ActivationConfig:
     ``group_size`` scaling, which follows local outliers (COAT's mixed granularity).
     ``keep_attention_bf16`` leaves scaled-dot-product attention's saved tensors untouched, as COAT
     does; ``gemm_autotune`` times the FP8 and the plain GEMM once per shape on the GPU and keeps
-    the faster (small GEMMs do not gain from FP8); ``fused_nonlinear`` swaps LayerNorm, RMSNorm and GELU modules for versions that save
+    the faster (small GEMMs do not gain from FP8; in compiled blocks, planned per linear and row
+    count before they compile); ``fused_nonlinear`` swaps LayerNorm, RMSNorm and GELU modules for versions that save
     one FP8 input and recompute their output (:mod:`coatflux.core.nonlinear`);
     ``min_saved_numel`` skips tiny saved tensors (per-sample modulation vectors, norm statistics)
     whose compression saves nothing. ``compile_blocks`` compiles the model's repeated blocks with

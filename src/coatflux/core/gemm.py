@@ -9,7 +9,9 @@ to accumulation order, so CPU tests exercise the same code, and :func:`fp8_mm_re
 specification the fast path is tested against.
 
 Where both are possible, :class:`GemmPlanner` times them once per shape and keeps the faster
-(FP8 does not pay for small GEMMs).
+(FP8 does not pay for small GEMMs). Eagerly it decides per GEMM shape as the GEMM is called; for a
+compiled block, where no GEMM can be timed while the graph is traced, it plans ahead: a
+:data:`RowPlan` per linear says from which row count on FP8 pays (:meth:`GemmPlanner.row_plan`).
 
 Why ``_scaled_mm`` rather than a Triton ``tl.dot`` kernel (COAT's choice): cuBLAS handles every
 shape and tile size, needs no autotuning and has no boundary bugs of our own; fusing epilogues
@@ -22,6 +24,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -108,6 +111,31 @@ def cuda_event_time(fn: Callable[[], object], device: torch.device, repeats: int
     return sorted(times)[len(times) // 2]
 
 
+#: Row counts (tokens x batch) at which :meth:`GemmPlanner.row_plan` times a linear's two paths:
+#: one sample's modulation vector (1), FLUX's text tokens (512), 512 px and 1024 px images (1024,
+#: 4096) and what batches make of them.
+PLAN_ROWS = (1, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+#: ``((first row count, FP8?), ...)``: ascending row counts, each decision holding up to the next
+#: entry's row count; adjacent decisions differ, and the first entry starts at 1 row.
+RowPlan = tuple[tuple[int, bool], ...]
+
+
+def fp8_for_rows(plan: RowPlan, rows: Any) -> bool:
+    """The decision of ``plan`` for a GEMM of ``rows`` rows.
+
+    ``rows`` may be a symbolic size inside a traced graph: each comparison made here then becomes a
+    guard of the graph, so a plan with one entry adds no guard, and a row count on the other side
+    of a boundary compiles the graph again (a new resolution or batch, not a new step).
+    """
+    use = plan[0][1]
+    for start, decision in plan[1:]:
+        if rows < start:
+            break
+        use = decision
+    return use
+
+
 class GemmPlanner:
     """Decides per GEMM shape whether the FP8 tensor-core GEMM pays, by timing both ways once.
 
@@ -122,6 +150,7 @@ class GemmPlanner:
     def __init__(self, timer: Timer | None = None) -> None:
         self._timer = timer or cuda_event_time
         self._choices: dict[tuple, bool] = {}
+        self._plans: dict[tuple, RowPlan] = {}
 
     def use_fp8(self, device: torch.device, m: int, n: int, k: int, dtype: torch.dtype) -> bool:
         key = (device, m, n, k, dtype)
@@ -145,3 +174,57 @@ class GemmPlanner:
         fp8 = self._timer(lambda: fp8_mm(a.data, a.scale, b.data, b.scale, dtype, True), device)
         plain = self._timer(lambda: fp8_mm(a.data, a.scale, b.data, b.scale, dtype, False), device)
         return fp8 < plain
+
+    def row_plan(self, device: torch.device, n: int, k: int, dtype: torch.dtype) -> RowPlan:
+        """From which row count on an ``n x k`` frozen FP8 linear is faster in FP8 than in ``dtype``.
+
+        For compiled blocks, planned before they compile. Each rung of :data:`PLAN_ROWS` times what a
+        compiled block runs per linear for a forward and its input gradient, both ways:
+
+        * FP8: the input's and the gradient's per-tensor maximum and cast (one pass each, as
+          inductor fuses them), the transposed copy of the FP8 weight that the input-gradient GEMM
+          needs (cuBLASLt's FP8 GEMMs take both operands K-major), and the two ``torch._scaled_mm``;
+        * plain: the weight upcast to ``dtype`` for each GEMM (it is recomputed, never stored) and
+          the two ``dtype`` GEMMs, of the unquantized input.
+
+        The kernels run eagerly, one per pass, as inductor emits them. Timed once per
+        (device, n, k, dtype); adjacent rungs with equal decisions merge, so a plan of one entry
+        (FP8 everywhere, or nowhere) costs the compiled graph no guard.
+        """
+        key = (torch.device(device), n, k, dtype)
+        if key not in self._plans:
+            decisions = [(rows, self._fp8_linear_is_faster(key[0], rows, n, k, dtype)) for rows in PLAN_ROWS]
+            plan = [decisions[0]]
+            for rows, use in decisions[1:]:
+                if use != plan[-1][1]:
+                    plan.append((rows, use))
+            self._plans[key] = tuple(plan)
+            logger.info("GEMM plan %dx%d (%s): %s", n, k, dtype, ", ".join(
+                f"{'FP8' if use else dtype} from {rows} rows" for rows, use in self._plans[key]))
+        return self._plans[key]
+
+    @property
+    def plans(self) -> dict[tuple, RowPlan]:
+        """Every row plan made so far: (device, N, K, dtype) -> plan."""
+        return dict(self._plans)
+
+    @torch.no_grad()
+    def _fp8_linear_is_faster(self, device: torch.device, m: int, n: int, k: int, dtype: torch.dtype) -> bool:
+        # Scales of one: the probe's two paths then compute the same products, and the plain path's
+        # upcast is the single cast that inductor's fused upcast-and-scale costs.
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        g = torch.randn(m, n, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype).to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+
+        def fp8() -> torch.Tensor:
+            torch.linalg.vector_norm(x, float("inf"))  # the per-tensor maximum, then the scaled cast
+            fp8_mm(x.to(torch.float8_e4m3fn), one, w, one, dtype, True)
+            torch.linalg.vector_norm(g, float("inf"))
+            return fp8_mm(g.to(torch.float8_e5m2), one, w.t().contiguous(), one, dtype, True)
+
+        def plain() -> torch.Tensor:
+            x @ w.to(dtype).t()
+            return g @ w.to(dtype)
+
+        return self._timer(fp8, device) < self._timer(plain, device)

@@ -26,9 +26,12 @@ Choices:
   second, traceable forward (:class:`_TracedFP8Function`: tensors and constants only, no caches,
   observers or timing), so that the whole block is one graph; which tensors are kept for backward
   is then the compiler's decision, and the compiled block's saved-tensor hooks compress them. There
-  every GEMM whose shape ``torch._scaled_mm`` takes runs in FP8 (``fp8_gemm_in_graph``, set by
-  ``apply_coat`` from the device): the per-shape timing of :class:`GemmPlanner` runs real GEMMs
-  and cannot happen while a graph is traced.
+  a GEMM whose shape ``torch._scaled_mm`` takes runs in FP8 (``fp8_gemm_in_graph``, set by
+  ``apply_coat`` from the device) unless the layer's ``row_plan`` says FP8 does not pay at this row
+  count: then it multiplies the unquantized input with the FP8 weight upcast to the compute dtype
+  (:class:`_TracedUpcastFunction`, which keeps only the FP8 weight for backward). The plan is
+  measured before compilation (:meth:`GemmPlanner.row_plan`), since no GEMM can be timed while a
+  graph is traced; its boundaries become guards of the graph.
 * ``range_observer`` (``None`` by default, so nothing runs) is called with every tensor the layer
   quantizes -- ``("input", x, xq)``, ``("weight", w, wq)`` for a trainable weight and
   ``("grad_output", g, gq)`` -- so :class:`coatflux.core.stats.FP8RangeMonitor` can count
@@ -47,7 +50,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from coatflux.core.config import ActivationConfig
 from coatflux.core.formats import E4M3, E5M2, QuantizedTensor, dequantize, quantize
-from coatflux.core.gemm import GemmPlanner, fp8_gemm_support, fp8_mm, shape_supported
+from coatflux.core.gemm import GemmPlanner, RowPlan, fp8_for_rows, fp8_gemm_support, fp8_mm, shape_supported
 from coatflux.kernels.quant import tensor_scale_ops
 
 logger = logging.getLogger(__name__)
@@ -193,6 +196,32 @@ class _TracedFP8Function(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
+class _TracedUpcastFunction(torch.autograd.Function):
+    """``x2 @ (w_codes * w_scale).T`` in the input's dtype, keeping only the FP8 weight for backward.
+
+    A compiled block's linear where its row plan says FP8 does not pay. The upcast weight is made
+    again for the input gradient rather than kept (it would bring back the bf16 weights): the
+    compiler merges the two upcasts into one node, and COAT's partitioner settings
+    (:data:`~coatflux.core.compiled.COAT_PARTITIONER`) let it recompute that node in backward,
+    where PyTorch's default would store it as the input of a GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w_codes, w_scale)
+        return x2 @ _upcast(w_codes, w_scale, x2.dtype).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w_codes, w_scale = ctx.saved_tensors
+        grad_x = grad @ _upcast(w_codes, w_scale, grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def _upcast(w_codes: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w_codes.to(dtype) * w_scale.to(dtype)
+
+
 def _saved_input_fp8(ctx: Any, x_saved: torch.Tensor, x_scale: torch.Tensor | None) -> QuantizedTensor:
     """The FP8 input for the weight-gradient GEMM (re-quantized if the compressor returned values)."""
     if ctx.x_meta is None:
@@ -244,6 +273,7 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", None)
         self._fallback_logged = False
         self.fp8_gemm_in_graph = False  # set by apply_coat: FP8 GEMMs inside compiled blocks
+        self.row_plan: RowPlan | None = None  # set by apply_coat: inside compiled blocks, FP8 by row count
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: ActivationConfig | None = None,
@@ -265,7 +295,7 @@ class FP8Linear(nn.Module):
         """The weight in high precision (dequantized for a frozen FP8 weight; allocates)."""
         if self._parameters.get("weight") is not None:
             return self._parameters.get("weight")
-        return self.weight_fp8.to(self.compute_dtype) * self.weight_scale.to(self.compute_dtype)
+        return _upcast(self.weight_fp8, self.weight_scale, self.compute_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -318,14 +348,22 @@ class FP8Linear(nn.Module):
             raise NotImplementedError("FP8Linear in a compiled block quantizes its input per tensor; "
                                       "activation.linear_granularity per_group runs eagerly only")
         x2 = x.reshape(-1, self.in_features)
-        y = _TracedFP8Function.apply(x2, self._parameters.get("weight"), self.weight_fp8, self.weight_scale,
-                                     self.fp8_gemm_in_graph)
+        weight = self._parameters.get("weight")
+        if self._plain_in_graph(x2.shape[0]):
+            y = (_TracedUpcastFunction.apply(x2, self.weight_fp8, self.weight_scale) if weight is None
+                 else x2 @ weight.to(x.dtype).t())
+        else:
+            y = _TracedFP8Function.apply(x2, weight, self.weight_fp8, self.weight_scale, self.fp8_gemm_in_graph)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if lora_A is not None:
             h = x2 @ lora_A.to(x.dtype).t()
             y = torch.addmm(y, h, lora_B.to(x.dtype).t(), alpha=lora_scale)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _plain_in_graph(self, rows: Any) -> bool:
+        """Whether a compiled block multiplies ``rows`` rows in the compute dtype (a guard if symbolic)."""
+        return self.fp8_gemm_in_graph and self.row_plan is not None and not fp8_for_rows(self.row_plan, rows)
 
     def extra_repr(self) -> str:
         kind = "trainable" if self._parameters.get("weight") is not None else "frozen fp8"
