@@ -1,0 +1,159 @@
+"""Kernel launches of FLUX.1-dev's compiled blocks, counted in inductor's generated GPU code on a CPU.
+
+What: builds one double and one single block of the FLUX.1-dev architecture (hidden 3072, random
+weights, the bench's rank-16 LoRA), compiles them as ``bf16-compiled`` or ``coat-compiled`` do, runs
+one forward and backward at the given resolution, and reads the wrapper code inductor generates
+for each graph: the Triton kernels it launches and the extern calls (cuBLAS GEMMs,
+``torch._scaled_mm``, attention). It prints them per graph, per block class and summed over
+FLUX.1-dev's 19 double and 38 single blocks. ``--plain-below R`` gives every FP8 linear the row
+plan "plain below R rows, FP8 from R" (what ``GemmPlanner.row_plan`` measures on a GPU), so the
+launches a plan saves can be counted too.
+
+Why: on the H100 the compiled COAT step at 512 px took 0.447 s against 0.216 s for compiled bf16,
+while the CPU's host-time proxy (``host_overhead.py``) put their host work within 1.2x of each
+other. On a CPU inductor emits C++ loops whose calls cost little; on a GPU every Triton kernel is
+a launch with its own host cost and a few microseconds of GPU time however small it is. This
+counts the launches a GPU would get, without a GPU.
+
+How: inductor can write Triton code for CPU tensors (``cpu_backend="triton"``); generating it needs
+Triton installed (``pip install triton``) and asks Triton's active driver for a target, which a
+machine without a GPU lacks. The script answers that one question itself (``_generate_only``) and
+lets each graph's compilation fail after the code is generated, running the graph eagerly
+instead. The counts are of the code inductor writes for a CPU device: its heuristics read the
+device's properties (2 "SMs" here), so a GPU's split reductions may add a few kernels. Not a
+time: a launch count.
+
+    pip install triton
+    python benchmarks/kernel_launches.py [--resolution 512] [--recipes bf16-compiled coat-compiled]
+                                         [--plain-below 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import re
+import sys
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from coatflux.bench.model import FLUX_DEV_CONFIG, Preset, build_transformer, loss_of, make_batch
+from coatflux.core.compiled import compile_blocks
+from coatflux.flux.lora import find_lora_targets, inject_lora
+
+RECIPES = ("bf16-compiled", "coat-compiled")
+
+
+def _generate_only() -> list[str]:
+    """Have inductor write Triton code on a CPU; returns the list each graph's wrapper code goes to."""
+    import torch._inductor.config as inductor_config
+    import torch.utils._triton as triton_utils
+    from torch._inductor import graph as inductor_graph
+
+    inductor_config.cpu_backend = "triton"
+    inductor_config.compile_threads = 1
+    triton_utils.triton_backend = lambda: None  # the active driver's target: none without a GPU
+    triton_utils.triton_hash_with_backend = lambda: "generate-only"
+    codes: list[str] = []
+    codegen = inductor_graph.GraphLowering.codegen
+
+    def keep(self: inductor_graph.GraphLowering) -> tuple:
+        out = codegen(self)
+        codes.append(getattr(out[0], "value", str(out[0])))
+        return out
+
+    inductor_graph.GraphLowering.codegen = keep
+    return codes
+
+
+def _backend(codes: list[str]) -> Callable:
+    """AOTAutograd with inductor's decompositions and partitioner; each graph's code generated, then run eagerly."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+
+    def compiler(gm: torch.fx.GraphModule, inputs: list) -> Callable:
+        written = len(codes)
+        try:
+            compile_fx_inner(gm, inputs)
+        except Exception:
+            if len(codes) == written:  # failed before its code was written: a real error
+                raise
+            # else loading the Triton kernels failed, as it must without a GPU: the code is what we want
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, decompositions=select_decomp_table(),
+                        partition_fn=min_cut_rematerialization_partition)
+
+
+def _run(recipe: str, resolution: int, plain_below: int | None, codes: list[str]) -> None:
+    from coatflux.core.api import apply_coat
+    from coatflux.core.config import ActivationConfig, COATConfig
+    from coatflux.core.linear import FP8Linear
+
+    preset = Preset("blocks", {**FLUX_DEV_CONFIG, "num_layers": 1, "num_single_layers": 1}, 512, ())
+    model = build_transformer(preset, "cpu").requires_grad_(False)
+    options = {"backend": _backend(codes), "dynamic": True}
+    if recipe == "coat-compiled":
+        apply_coat(model, COATConfig(activation=ActivationConfig(compile_blocks=True)), compile_options=options)
+        for layer in model.modules():
+            if isinstance(layer, FP8Linear):  # as on an FP8 GPU: torch._scaled_mm in the graph
+                layer.fp8_gemm_in_graph = True
+                layer.row_plan = None if plain_below is None else ((1, False), (plain_below, True))
+    inject_lora(model, 16, 16.0, find_lora_targets(model))
+    if recipe == "bf16-compiled":
+        compile_blocks(model, **options)
+    batch = make_batch(preset, resolution, 1, "cpu")
+    loss_of(model, batch).backward()
+
+
+def _count(code: str) -> tuple[int, int]:
+    call = code[code.find("def call("):]
+    launches = len(re.findall(r"^\s+triton_\w+\.run\(", call, re.M))
+    extern = len(re.findall(r"^\s+(?:\w+ = )?(?:extern_kernels\.\w+|torch\.ops\.\w+\.\w+)\(", call, re.M))
+    return launches, extern
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=RECIPES)
+    parser.add_argument("--plain-below", type=int, default=None,
+                        help="coat-compiled: every FP8 linear multiplies plainly below this many rows")
+    args = parser.parse_args()
+    if importlib.util.find_spec("triton") is None:
+        sys.exit("kernel_launches: needs Triton to generate inductor's GPU code (pip install triton)")
+    codes = _generate_only()
+    print(f"kernel_launches: {platform.machine()}, torch {torch.__version__}, FLUX.1-dev width, LoRA rank 16, "
+          f"{args.resolution} px, batch 1, 512 text tokens, dynamic shapes; plain below "
+          f"{args.plain_below or '-'} rows")
+    doubles, singles = FLUX_DEV_CONFIG["num_layers"], FLUX_DEV_CONFIG["num_single_layers"]
+    for recipe in args.recipes:
+        start = len(codes)
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "FP8 GEMMs need a CUDA GPU", diffusers' float32 note
+            _run(recipe, args.resolution, args.plain_below, codes)
+        generated = codes[start:]
+        graphs = [_count(code) for code in generated]
+        # compiled in call order: the double block's forward and backward, then the single block's
+        # (attention's backward marks a backward graph; the double block, two streams, calls more GEMMs)
+        order = [("_backward" in code) == (i % 2 == 1) for i, code in enumerate(generated)]
+        if len(graphs) != 4 or not all(order) or graphs[0][1] <= graphs[2][1]:
+            sys.exit(f"kernel_launches: {recipe} compiled {len(graphs)} graphs, expected the double block's "
+                     "forward and backward, then the single block's")
+        (df, dfx), (db, dbx), (sf, sfx), (sb, sbx) = graphs
+        step = doubles * (df + db) + singles * (sf + sb)
+        step_extern = doubles * (dfx + dbx) + singles * (sfx + sbx)
+        print(f"{recipe:14s} double block: {df} + {db} Triton launches (forward + backward), {dfx} + {dbx} extern; "
+              f"single block: {sf} + {sb}, {sfx} + {sbx} extern; per step ({doubles} + {singles} blocks): "
+              f"{step} Triton launches, {step_extern} extern calls")
+
+
+if __name__ == "__main__":
+    main()
