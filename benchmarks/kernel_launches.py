@@ -5,7 +5,8 @@ weights, the bench's rank-16 LoRA), compiles them as ``bf16-compiled`` or ``coat
 one forward and backward at the given resolution, and reads the wrapper code inductor generates
 for each graph: the Triton kernels it launches and the extern calls (cuBLAS GEMMs,
 ``torch._scaled_mm``, attention). It prints them per graph, per block class and summed over
-FLUX.1-dev's 19 double and 38 single blocks. ``--plain-below R`` gives every FP8 linear the row
+FLUX.1-dev's 19 double and 38 single blocks, with the inductor settings each recipe compiles its
+blocks with (:data:`coatflux.core.compiled.COAT_INDUCTOR_OPTIONS` for COAT). ``--plain-below R`` gives every FP8 linear the row
 plan "plain below R rows, FP8 from R" (what ``GemmPlanner.row_plan`` measures on a GPU), so the
 launches a plan saves can be counted too.
 
@@ -69,8 +70,9 @@ def _generate_only() -> list[str]:
     return codes
 
 
-def _backend(codes: list[str]) -> Callable:
-    """AOTAutograd with inductor's decompositions and partitioner; each graph's code generated, then run eagerly."""
+def _backend(codes: list[str], options: dict) -> Callable:
+    """AOTAutograd with inductor's decompositions and partitioner; each graph's code generated (with
+    inductor ``options``), then run eagerly."""
     from functorch.compile import min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
@@ -80,7 +82,8 @@ def _backend(codes: list[str]) -> Callable:
     def compiler(gm: torch.fx.GraphModule, inputs: list) -> Callable:
         written = len(codes)
         try:
-            compile_fx_inner(gm, inputs)
+            with torch._inductor.config.patch(options):
+                compile_fx_inner(gm, inputs)
         except Exception:
             if len(codes) == written:  # failed before its code was written: a real error
                 raise
@@ -98,7 +101,10 @@ def _run(recipe: str, resolution: int, plain_below: int | None, codes: list[str]
 
     preset = Preset("blocks", {**FLUX_DEV_CONFIG, "num_layers": 1, "num_single_layers": 1}, 512, ())
     model = build_transformer(preset, "cpu").requires_grad_(False)
-    options = {"backend": _backend(codes), "dynamic": True}
+    from coatflux.core.compiled import coat_compile_options
+
+    inductor_options = coat_compile_options({})["options"] if recipe == "coat-compiled" else {}
+    options = {"backend": _backend(codes, inductor_options), "dynamic": True}
     if recipe == "coat-compiled":
         apply_coat(model, COATConfig(activation=ActivationConfig(compile_blocks=True)), compile_options=options)
         for layer in model.modules():

@@ -10,16 +10,22 @@
 #
 # What the last run (H100, 2026-11-26 18:46, docs/benchmarks.md) left open, in the order run here:
 # 1. GPU tests first (about 100 s on a cold cache; 60 s was too little): they check the per-tensor
-#    scale's fp64 division, changed after that run's test found an fp32 scale one ulp off.
-# 2. The bench: bf16 and coat-compiled again, since the compiled single block now recomputes its
-#    concatenation (24,963 MiB counted on the CPU against 27,689 before; the run measured 28.7 GiB,
-#    0.53x of bf16), then bf16-compiled and eager COAT as the budget allows. Its table replaces
-#    docs/benchmarks.md only if it has the bf16 and coat-compiled rows at 1024 px; else docs/runs/.
-#    TORCH_LOGS=recompiles: coat-compiled compiled again (62 s) at its first 512 px step, for a
-#    reason not yet known.
+#    scale's fp64 division, changed after that run's test found an fp32 scale one ulp off, and time
+#    a row plan (GemmPlanner.row_plan) for FLUX.1-dev's attention and MLP linears.
+# 2. The bench: bf16 and coat-compiled again, then bf16-compiled and eager COAT as the budget allows.
+#    Since that run: the compiled single block recomputes its concatenation (24,963 MiB counted on the
+#    CPU against 27,689 before; the run measured 28.7 GiB, 0.53x of bf16), and every linear of the
+#    compiled blocks follows a row plan timed before compilation: below its measured row count it
+#    multiplies in bf16 with the FP8 weight upcast (the log prints each plan, "GEMM plan N x K").
+#    Its table replaces docs/benchmarks.md only if it has the bf16 and coat-compiled rows at 1024 px;
+#    else docs/runs/. TORCH_LOGS=recompiles: coat-compiled compiled again (62 s) at its first 512 px
+#    step, for a reason not yet known (a plan boundary between 4096 and 1024 rows now adds one).
 # 3. Where coat-compiled's step goes at 512 px: 0.447 s against 0.216 s for bf16-compiled, and only
 #    0.08 s less than at 1024 px for 3.7x fewer FLOPs (torchao-compiled: the same pattern). The
 #    profile says whether the GPU is idle (host-bound: launches, wrappers) or busy, and with what.
+#    benchmarks/kernel_launches.py counts 9,063 Triton launches per step for coat-compiled (9,937 as
+#    the H100 ran it) against 4,883 for bf16-compiled at 512 px (6,878 with every linear plain below
+#    2,048 rows).
 #    It runs after the bench, whose compilation fills inductor's caches for the same graphs.
 # Expected wall time under 560 s: tests <= 130 s, bench <= 250 s, profile <= 120 s, trainer <= 45 s.
 set -u -o pipefail

@@ -107,12 +107,14 @@ def test_inlined_hooks_store_fp8_and_cost_what_the_eager_hooks_cost():
         assert sqnr_db(p, c) > min(sqnr_db(p, e) - 3, 25)
 
 
-def test_inductor_code_matches_the_traced_graph_with_hooks():
-    """The fast path (inductor's generated code) against its reference (the same graph, op by op)."""
+@pytest.mark.parametrize("options", [None, compiled_mod.COAT_INDUCTOR_OPTIONS], ids=["default", "coat"])
+def test_inductor_code_matches_the_traced_graph_with_hooks(options):
+    """The fast path (inductor's generated code, with PyTorch's settings and with COAT's blocks')
+    against its reference (the same graph, op by op)."""
     hooks = SavedTensorCompression(ActivationConfig(min_saved_numel=0))
     traced, _ = _mlp_grads(torch.compile(_mlp, backend="aot_eager", fullgraph=True), hooks)
     torch._dynamo.reset()
-    generated, saved = _mlp_grads(torch.compile(_mlp, backend="inductor", fullgraph=True), hooks)
+    generated, saved = _mlp_grads(torch.compile(_mlp, backend="inductor", fullgraph=True, options=options), hooks)
     assert any(t.dtype == torch.float8_e4m3fn for t in saved)
     for t, g in zip(traced, generated, strict=True):
         assert sqnr_db(t, g) > 40
@@ -490,6 +492,15 @@ def test_range_monitor_says_it_cannot_see_inside_compiled_blocks(tiny_base):
         monitor = FP8RangeMonitor(model, enabled=False)
     assert monitor.layers and not any(name.startswith(("transformer_blocks.", "single_transformer_blocks."))
                                       for name in monitor.layers)
+
+
+def test_coat_blocks_get_coat_inductor_options_under_their_own():
+    from coatflux.core.compiled import COAT_INDUCTOR_OPTIONS, coat_compile_options
+
+    assert coat_compile_options({"dynamic": True}) == {"dynamic": True, "options": dict(COAT_INDUCTOR_OPTIONS)}
+    mine = coat_compile_options({"backend": "inductor", "options": {"realize_opcount_threshold": 10, "max_autotune": True}})
+    assert mine["options"] == {"realize_opcount_threshold": 10, "max_autotune": True}
+    assert coat_compile_options({"backend": "aot_eager"}) == {"backend": "aot_eager"}
 
 
 def test_recompute_backend_marks_only_concatenations_that_feed_a_gemm():

@@ -333,6 +333,25 @@ COAT_PARTITIONER: Mapping[str, Any] = {"ban_recompute_materialized_backward": Fa
 COAT_RECOMPUTE: tuple[Any, ...] = (torch.cat, torch.concat, torch.concatenate)
 
 
+#: Inductor settings for COAT's blocks. Inductor stores a point-wise result in its own buffer
+#: (a kernel of its own) once its expression exceeds ``realize_opcount_threshold`` operations (30).
+#: The power-of-two scale of each unpacked activation (:func:`coatflux.kernels.quant._pow2`, about
+#: 75 operations on an int8 exponent, chosen for exactness) crossed it, so each unpack took two
+#: kernels: the scales, then the multiplication. Above the chain's size it is computed where it is
+#: used: 874 fewer kernel launches per FLUX.1-dev step at 512 px, 9,937 to 9,063
+#: (``benchmarks/kernel_launches.py``), with the same values.
+COAT_INDUCTOR_OPTIONS: Mapping[str, Any] = {"realize_opcount_threshold": 128}
+
+
+def coat_compile_options(compile_options: Mapping[str, Any]) -> dict[str, Any]:
+    """``compile_options`` for COAT's blocks: :data:`COAT_INDUCTOR_OPTIONS` under the caller's own
+    ``options`` when the backend is inductor (the default); other backends take no inductor options."""
+    merged = dict(compile_options)
+    if merged.get("backend", "inductor") == "inductor":
+        merged["options"] = {**COAT_INDUCTOR_OPTIONS, **(merged.get("options") or {})}
+    return merged
+
+
 class PartitioningBackend:
     """A ``torch.compile`` backend that steers how AOTAutograd splits a block into forward and
     backward, then compiles the graph with ``backend`` (a name, as ``torch.compile`` takes it, or a
