@@ -494,6 +494,46 @@ def test_range_monitor_says_it_cannot_see_inside_compiled_blocks(tiny_base):
                                       for name in monitor.layers)
 
 
+class _LoraLinear(nn.Module):
+    """A frozen FP8 linear with an fp32 LoRA, multiplied in bf16 (as FLUX's LoRA-wrapped linears are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.base = FP8Linear.from_linear(nn.Linear(64, 64, dtype=torch.bfloat16).requires_grad_(False))
+        self.lora_A = nn.Parameter(torch.randn(16, 64) / 8)
+        self.lora_B = nn.Parameter(torch.randn(64, 16) / 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.base(x, self.lora_A, self.lora_B, 0.5))
+
+
+def test_saved_parameter_casts_are_reused_exactly_not_cast_again():
+    """With ``save_parameter_casts`` backward reuses the forward's bf16 casts of the LoRA weights, which
+    the hooks leave uncompressed; without it they are cast again in backward. Same gradients."""
+    hooks = SavedTensorCompression(ActivationConfig(min_saved_numel=0))
+    lora_shapes = {(16, 64), (64, 16)}
+
+    def run(save: bool):
+        torch._dynamo.reset()
+        module = _LoraLinear()
+        compiled_mod.compile_module(module, partitioner=compiled_mod.COAT_PARTITIONER, save_parameter_casts=save,
+                                    backend="aot_eager_decomp_partition", dynamic=True)
+        x = torch.randn(4, 32, 64, dtype=torch.bfloat16, requires_grad=True)
+        with hooks():
+            y = module(x)
+        saved = [t for t in compiled_saved_tensors(y) if tuple(t.shape) in lora_shapes]
+        y.float().square().sum().backward()
+        return saved, [module.lora_A.grad, module.lora_B.grad, x.grad]
+
+    kept, grads_kept = run(True)
+    recast, grads_recast = run(False)
+    assert kept and all(t.dtype == torch.bfloat16 for t in kept)  # the casts, exact
+    assert all(t.dtype == torch.float32 for t in recast)  # the fp32 parameters: backward casts them again
+    for a, b in zip(grads_kept, grads_recast, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_coat_blocks_get_coat_inductor_options_under_their_own():
     from coatflux.core.compiled import COAT_INDUCTOR_OPTIONS, coat_compile_options
 

@@ -271,7 +271,7 @@ def _apply_compiled(model: nn.Module, config: COATConfig, device: torch.device |
                            plan_device=model_device if in_graph else None)
     context.converted = _convert_linears(model, context)
     context.compiled_blocks = compile_blocks(model, partitioner=COAT_PARTITIONER, recompute=COAT_RECOMPUTE,
-                                             **coat_compile_options(compile_options))
+                                             save_parameter_casts=True, **coat_compile_options(compile_options))
     return context
 
 

@@ -147,6 +147,16 @@ def touches_attention(node: fx.Node | None) -> bool:
     return node is not None and (_attention_output(node) or _feeds_attention(node))
 
 
+def _must_save(node: fx.Node | None) -> bool:
+    """A saved node (or a view of one) the partitioner was told to save: a trainable parameter's
+    cast (see :class:`PartitioningBackend`), a weight's copy, not an activation; it stays exact."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    while node is not None and _target_is(node, _VIEW_NAMES) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node is not None and node.meta.get("recompute") == CheckpointPolicy.MUST_SAVE
+
+
 def _compressible(t: torch.Tensor, group: int, min_numel: int) -> bool:
     if not t.is_floating_point() or t.element_size() == 1 or t.dim() == 0 or t.shape[-1] % group:
         return False
@@ -172,7 +182,7 @@ def pack(t: torch.Tensor, *, group: int, min_numel: int, keep_attention: bool) -
     if context is None:  # eager: decided from the tensor, as the eager compressor decides
         if is_weight_or_constant(t):
             return (t,)
-    elif keep_attention and touches_attention(context.get("_node")):
+    elif (keep_attention and touches_attention(context.get("_node"))) or _must_save(context.get("_node")):
         return (t,)
     if not _compressible(t, group, min_numel):
         return (t,)
@@ -284,7 +294,8 @@ STREAM_INPUTS = ("hidden_states", "encoder_hidden_states")  # diffusers' name fo
 
 def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
                    stream_inputs: Iterable[str] = STREAM_INPUTS, partitioner: Mapping[str, Any] | None = None,
-                   recompute: Iterable[Any] = (), **compile_kwargs: Any) -> list[str]:
+                   recompute: Iterable[Any] = (), save_parameter_casts: bool = False,
+                   **compile_kwargs: Any) -> list[str]:
     """``torch.compile`` every module whose class name is in ``block_classes``; returns their names.
 
     ``block_classes`` defaults to the model's ``_repeated_blocks`` (diffusers' convention). Each
@@ -296,7 +307,9 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
     made uniform before each call, see :class:`UniformStreamInputs`: every block of a class then
     runs the same graph, where otherwise the first block of each class compiles a second one.
     ``partitioner`` overrides ``torch._functorch.config`` while the blocks compile (see
-    :data:`COAT_PARTITIONER`); ``recompute`` names ops backward recomputes (see :data:`COAT_RECOMPUTE`).
+    :data:`COAT_PARTITIONER`); ``recompute`` names ops backward recomputes (see :data:`COAT_RECOMPUTE`);
+    ``save_parameter_casts`` has backward reuse the forward's casts of trainable parameters (see
+    :class:`PartitioningBackend`).
     """
     classes = tuple(block_classes if block_classes is not None else getattr(model, "_repeated_blocks", ()) or ())
     if not classes:
@@ -309,7 +322,8 @@ def compile_blocks(model: nn.Module, block_classes: Iterable[str] | None = None,
     for name in names:
         block = model.get_submodule(name)
         uniform.attach(block)
-        compile_module(block, partitioner=partitioner, recompute=recompute, **compile_kwargs)
+        compile_module(block, partitioner=partitioner, recompute=recompute,
+                       save_parameter_casts=save_parameter_casts, **compile_kwargs)
     return names
 
 
@@ -367,13 +381,21 @@ class PartitioningBackend:
     also put every other op of the block in a checkpoint region, and against inductor's
     ``joint_custom_pre_pass``, which other backends do not run. One instance serves every block
     (see :func:`partitioning_backend`): dynamo compares backends when it reuses a graph.
+
+    ``save_parameter_casts`` marks the other way, ``MUST_SAVE``, each dtype cast of a trainable
+    parameter (a LoRA weight, fp32, multiplied in bf16): backward reuses the forward's cast, exact
+    (:func:`pack` leaves what is marked so uncompressed), instead of casting again. With
+    :data:`COAT_PARTITIONER` the partitioner would recompute those casts, one small kernel each:
+    about 680 launches per FLUX.1-dev step (``benchmarks/kernel_launches.py``). The cost is their
+    bf16 bytes for the step, half the adapters' fp32 bytes.
     """
 
     def __init__(self, ops: Iterable[Any], backend: Any = "inductor", mode: str | None = None,
                  options: Mapping[str, Any] | None = None, dynamic: bool | None = None,
-                 partitioner: Mapping[str, Any] | None = None) -> None:
+                 partitioner: Mapping[str, Any] | None = None, save_parameter_casts: bool = False) -> None:
         self.ops = frozenset(ops)
         self.partitioner = dict(partitioner or {})
+        self.save_parameter_casts = save_parameter_casts
         if callable(backend):
             if mode is not None or options:
                 raise ValueError("PartitioningBackend: mode and options go with a backend name, not a backend callable")
@@ -389,6 +411,8 @@ class PartitioningBackend:
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target in self.ops and _feeds_gemm(node):
                 node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            elif self.save_parameter_casts and _casts_trainable_parameter(node):
+                node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         with torch._functorch.config.patch(**self.partitioner):
             return self.inner(gm, example_inputs)
 
@@ -396,6 +420,15 @@ class PartitioningBackend:
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+def _casts_trainable_parameter(node: fx.Node) -> bool:
+    """``node`` is ``parameter.to(...)`` of a parameter that requires grad (dynamo's example values
+    keep the ``nn.Parameter`` type)."""
+    if not (node.op == "call_method" and node.target == "to" and node.args and isinstance(node.args[0], fx.Node)):
+        return False
+    value = node.args[0].meta.get("example_value")
+    return isinstance(value, nn.Parameter) and value.requires_grad
 
 
 _GEMMS = (torch.matmul, operator.matmul, torch.mm, torch.addmm, torch.bmm, torch.nn.functional.linear)
@@ -420,20 +453,23 @@ def _feeds_gemm(node: fx.Node, depth: int = 3) -> bool:
 
 @functools.cache
 def _shared_backend(ops: tuple[Any, ...], backend: Any, mode: str | None, options: tuple[tuple[str, Any], ...],
-                    dynamic: bool | None, partitioner: tuple[tuple[str, Any], ...]) -> PartitioningBackend:
-    return PartitioningBackend(ops, backend, mode, dict(options), dynamic, dict(partitioner))
+                    dynamic: bool | None, partitioner: tuple[tuple[str, Any], ...],
+                    save_parameter_casts: bool) -> PartitioningBackend:
+    return PartitioningBackend(ops, backend, mode, dict(options), dynamic, dict(partitioner), save_parameter_casts)
 
 
 def partitioning_backend(ops: Iterable[Any], backend: Any = "inductor", mode: str | None = None,
                          options: Mapping[str, Any] | None = None, dynamic: bool | None = None,
-                         partitioner: Mapping[str, Any] | None = None) -> PartitioningBackend:
+                         partitioner: Mapping[str, Any] | None = None,
+                         save_parameter_casts: bool = False) -> PartitioningBackend:
     """The :class:`PartitioningBackend` for these arguments, one instance per distinct set of them."""
     return _shared_backend(tuple(ops), backend, mode, tuple(sorted((options or {}).items())), dynamic,
-                           tuple(sorted((partitioner or {}).items())))
+                           tuple(sorted((partitioner or {}).items())), save_parameter_casts)
 
 
 def compile_module(module: nn.Module, partitioner: Mapping[str, Any] | None = None,
-                   recompute: Iterable[Any] = (), **compile_kwargs: Any) -> None:
+                   recompute: Iterable[Any] = (), save_parameter_casts: bool = False,
+                   **compile_kwargs: Any) -> None:
     """``module.compile(**compile_kwargs)``, tracing every Python float it reads as a constant.
 
     Why: with dynamic shapes (``dynamic=True``, ai-toolkit's ``compile_dynamic`` default) dynamo
@@ -444,14 +480,16 @@ def compile_module(module: nn.Module, partitioner: Mapping[str, Any] | None = No
     any constant does); sizes stay dynamic. Dynamo's config patch is thread-local and lasts for
     each call only. It wraps the callable that ``nn.Module.compile`` keeps on the module: this is
     the one place that slot is touched. ``partitioner`` (``torch._functorch.config`` keys) and
-    ``recompute`` (ops backward recomputes rather than stores) steer the forward/backward split
-    through :func:`partitioning_backend`, which takes the ``backend``, ``mode`` and ``options`` given.
+    ``recompute`` (ops backward recomputes rather than stores) and ``save_parameter_casts`` steer the
+    forward/backward split through :func:`partitioning_backend`, which takes the ``backend``,
+    ``mode`` and ``options`` given.
     """
     recompute = tuple(recompute)
-    if partitioner or recompute:
+    if partitioner or recompute or save_parameter_casts:
         backend_args = {key: compile_kwargs.pop(key) for key in ("backend", "mode", "options") if key in compile_kwargs}
         compile_kwargs["backend"] = partitioning_backend(recompute, dynamic=compile_kwargs.get("dynamic"),
-                                                         partitioner=partitioner, **backend_args)
+                                                         partitioner=partitioner,
+                                                         save_parameter_casts=save_parameter_casts, **backend_args)
     module.compile(**compile_kwargs)
     module._compiled_call_impl = torch._dynamo.config.patch(specialize_float=True)(module._compiled_call_impl)
 
