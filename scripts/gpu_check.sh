@@ -23,8 +23,8 @@
 # 3. Where coat-compiled's step goes at 512 px: 0.447 s against 0.216 s for bf16-compiled, and only
 #    0.08 s less than at 1024 px for 3.7x fewer FLOPs (torchao-compiled: the same pattern). The
 #    profile says whether the GPU is idle (host-bound: launches, wrappers) or busy, and with what.
-#    benchmarks/kernel_launches.py counts 9,063 Triton launches per step for coat-compiled (9,937 as
-#    the H100 ran it) against 4,883 for bf16-compiled at 512 px (6,878 with every linear plain below
+#    benchmarks/kernel_launches.py counts 8,094 Triton launches per step for coat-compiled (9,937 as
+#    the H100 ran it) against 4,883 for bf16-compiled at 512 px (5,947 with every linear plain below
 #    2,048 rows).
 #    It runs after the bench, whose compilation fills inductor's caches for the same graphs.
 # Expected wall time under 560 s: tests <= 130 s, bench <= 250 s, profile <= 120 s, trainer <= 45 s.
