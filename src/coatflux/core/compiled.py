@@ -46,10 +46,12 @@ What we chose against:
   separate pass over memory, and the eager path's weak-keyed caches and hooks would have to be
   made replay-safe.
 
-What the partitioner stores is steered twice, for COAT's blocks only: :data:`COAT_PARTITIONER`
-lets it recompute element-wise outputs that backward materialises, and :data:`COAT_RECOMPUTE`
-(both through the :class:`PartitioningBackend`) has it recompute a concatenation that feeds a linear
-(FLUX's single block) from the parts it keeps anyway, as eager COAT stores such a concatenation.
+What the partitioner stores is steered three times, for COAT's blocks only: :data:`COAT_PARTITIONER`
+lets it recompute element-wise outputs that backward materialises, :data:`COAT_RECOMPUTE` has it
+recompute a concatenation that feeds a linear (FLUX's single block) from the parts it keeps anyway,
+as eager COAT stores such a concatenation, and the casts of trainable parameters (the LoRA weights)
+are saved rather than cast again (all through the :class:`PartitioningBackend`). Inductor compiles
+COAT's blocks with :data:`COAT_INDUCTOR_OPTIONS`, which keeps each unpacked activation one kernel.
 
 Two things keep the compile cost to one graph per block class: :class:`UniformStreamInputs`
 gives the first block of each class the input layout the later ones see, and models with equal
