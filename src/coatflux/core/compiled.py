@@ -136,10 +136,16 @@ def _feeds_attention(node: fx.Node, depth: int = FEED_DEPTH) -> bool:
     return False
 
 
-def _attention_output(node: fx.Node) -> bool:
-    """``node`` is an output of an attention op, or a view of one (before the output projection)."""
+def _through_views(node: fx.Node) -> fx.Node:
+    """The node ``node`` is a view of (``node`` itself if it is no view)."""
     while _target_is(node, _VIEW_NAMES) and isinstance(node.args[0], fx.Node):
         node = node.args[0]
+    return node
+
+
+def _attention_output(node: fx.Node) -> bool:
+    """``node`` is an output of an attention op, or a view of one (before the output projection)."""
+    node = _through_views(node)
     return (node.op == "call_function" and node.target is operator.getitem
             and isinstance(node.args[0], fx.Node) and _is_attention_op(node.args[0]))
 
@@ -154,9 +160,7 @@ def _must_save(node: fx.Node | None) -> bool:
     cast (see :class:`PartitioningBackend`), a weight's copy, not an activation; it stays exact."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    while node is not None and _target_is(node, _VIEW_NAMES) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node is not None and node.meta.get("recompute") == CheckpointPolicy.MUST_SAVE
+    return node is not None and _through_views(node).meta.get("recompute") == CheckpointPolicy.MUST_SAVE
 
 
 def _compressible(t: torch.Tensor, group: int, min_numel: int) -> bool:
@@ -373,7 +377,7 @@ class PartitioningBackend:
     backward, then compiles the graph with ``backend`` (a name, as ``torch.compile`` takes it, or a
     backend callable).
 
-    Two levers, both applied while the graph compiles (partitioning happens then, once per graph,
+    Three levers, all applied while the graph compiles (partitioning happens then, once per graph,
     so the step itself pays nothing): ``partitioner`` overrides ``torch._functorch.config`` (see
     :data:`COAT_PARTITIONER`), and the ops in ``ops`` that feed a GEMM are marked to be recomputed
     in backward (see :data:`COAT_RECOMPUTE`). The mark is the one activation checkpointing leaves
