@@ -53,7 +53,7 @@ echo "gpu tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 # The bench, run directly: it disables cuDNN attention itself and writes bench.json / benchmarks.md
 # after every config, so a kill keeps what ran.
 TORCH_LOGS=recompiles timeout 250 python3 -m coatflux.bench --preset flux-dev --resolutions 1024 512 --steps 10 --warmup 2 \
-  --configs bf16 coat-compiled bf16-compiled coat coat+ckpt fp8-storage torchao-float8 \
+  --configs bf16 coat-compiled bf16-compiled bf16+ckpt torchao-compiled coat coat+ckpt fp8-storage torchao-float8 \
   --order config --max-batch-configs coat-compiled --max-batch-steps 2 --budget-s 215 \
   --json "$OUT/bench.json" --markdown "$OUT/benchmarks.md" 2>&1 \
   | grep -v "should be kept in float32" | tee "$OUT/bench.log"
