@@ -186,3 +186,43 @@ def test_render_needs_a_markdown_path_and_no_json(tmp_path, capsys):
     assert main(["bench", "--render", str(saved)]) == 2
     assert main(["bench", "--render", str(saved), "--markdown", str(tmp_path / "b.md"), "--json", str(saved)]) == 2
     assert "--render: give --markdown" in capsys.readouterr().err
+
+
+def test_cudagraph_configs_mark_every_step(monkeypatch):
+    """The ``+cudagraphs`` recipes compile with mode reduce-overhead, and their steps mark a new
+    step for inductor's CUDA graph trees; the others do not."""
+    from coatflux.bench.cli import _step_fns
+    from coatflux.bench.configs import SetupOptions
+
+    assert CONFIGS["coat-compiled+cudagraphs"].cudagraphs(SetupOptions())
+    assert CONFIGS["bf16-compiled+cudagraphs"].options().compile_options()["mode"] == "reduce-overhead"
+    assert not CONFIGS["coat-compiled"].cudagraphs(SetupOptions())
+    assert not CONFIGS["coat-compiled+cudagraphs"].cudagraphs(SetupOptions(compile_backend="aot_eager"))
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(marks)))
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr("coatflux.bench.model.loss_of", lambda m, data: m(data).square().mean())
+    for cudagraphs in (True, False):
+        forward_backward, optimizer_step = _step_fns(model, optimizer, torch.randn(2, 4), cudagraphs)
+        for _ in range(3):
+            forward_backward()
+            optimizer_step()
+            assert model.weight.grad is None  # dropped before the next replay could overwrite it
+    assert marks == [0, 1, 2]
+
+
+def test_profile_flag_profiles_the_timed_model(tmp_path, one_thread):
+    from coatflux.bench.__main__ import main
+
+    js, md = tmp_path / "bench.json", tmp_path / "benchmarks.md"
+    rc = main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--json", str(js), "--markdown", str(md),
+               "--resolutions", "32", "--configs", "bf16", "coat", "--profile", "coat", "--no-max-batch-search"])
+    assert rc == 0
+    result = json.loads(js.read_text())
+    (profile,) = result["profiles"]
+    assert profile["config"] == "coat" and profile["resolution"] == 32 and profile["step_ms"] > 0
+    assert any("FP8" in name or "fp8" in name.lower() for name, _, _ in profile["top_cpu_ops"])
+    rows = {r["config"]: r for r in result["rows"]}
+    assert "profiled: step" in rows["coat"]["note"] and "profiled" not in rows["bf16"]["note"]
+    assert "## Profiled steps" in md.read_text() and "32 px, coat: step" in md.read_text()

@@ -577,3 +577,27 @@ def test_recompute_backend_marks_only_concatenations_that_feed_a_gemm():
         COAT_RECOMPUTE, "aot_eager", dynamic=True)
     with pytest.raises(ValueError, match="mode and options go with a backend name"):
         PartitioningBackend(COAT_RECOMPUTE, inner, mode="max-autotune")
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"mode": "reduce-overhead"}, True),
+    ({"mode": "max-autotune", "dynamic": True}, True),
+    ({"mode": "default"}, False),
+    ({}, False),
+    ({"backend": "aot_eager", "mode": "reduce-overhead"}, False),  # only inductor makes CUDA graphs
+    ({"mode": "reduce-overhead", "options": {"triton.cudagraphs": False}}, False),
+    ({"options": {"triton.cudagraphs": True}}, True),
+])
+def test_uses_cudagraphs_follows_torch_compile_modes(options, expected):
+    assert compiled_mod.uses_cudagraphs(options) is expected
+
+
+def test_cudagraph_mode_reaches_inductor_with_coat_options():
+    """``mode`` travels through COAT's partitioning backend to inductor, beside COAT's own options."""
+    backend = compiled_mod.partitioning_backend(
+        compiled_mod.COAT_RECOMPUTE, **compiled_mod.coat_compile_options({"mode": "reduce-overhead"}))
+    assert backend.inner.config["triton.cudagraphs"] is True
+    assert backend.inner.config["realize_opcount_threshold"] == compiled_mod.COAT_INDUCTOR_OPTIONS[
+        "realize_opcount_threshold"]
+    plain = compiled_mod.partitioning_backend(compiled_mod.COAT_RECOMPUTE, **compiled_mod.coat_compile_options({}))
+    assert "triton.cudagraphs" not in plain.inner.config

@@ -262,3 +262,49 @@ def test_ai_toolkit_block_compile_compiles_the_blocks(tmp_path: Path, tiny_flux_
     assert "The first step compiles the transformer blocks" in out  # the user knows why it is slow
     assert out.count("compilation included") == 1
     assert all(torch.isfinite(t).all() for t in read_lora(result.lora_path)[0].values())
+
+
+def test_cudagraph_compile_mode_marks_steps_and_keeps_gradient_buffers(tmp_path: Path, tiny_flux_dir: Path,
+                                                                        monkeypatch) -> None:
+    """``compile_mode: reduce-overhead`` replays the blocks as CUDA graphs: every micro-batch starts a
+    new step for inductor's graph trees, and with accumulation the gradients live in buffers of
+    their own (a graph replay would overwrite gradients it allocated). Traced with aot_eager."""
+    from coatflux.core import compiled
+    from coatflux.trainer import loop
+
+    compile_blocks, marks, policies = compiled.compile_blocks, [], []
+    monkeypatch.setattr(compiled, "compile_blocks", lambda model, block_classes=None, **options: compile_blocks(
+        model, block_classes, **{**options, "backend": "aot_eager", "mode": None}))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    zero_gradients = loop.zero_gradients
+
+    def spy(optimizer, params, keep_buffers):
+        policies.append(keep_buffers)
+        zero_gradients(optimizer, params, keep_buffers)
+        assert all((p.grad is not None) is keep_buffers for p in params)
+        assert all(p.grad is None or not p.grad.any() for p in params)
+
+    monkeypatch.setattr(loop, "zero_gradients", spy)
+    model = {"name_or_path": str(tiny_flux_dir), "is_flux": True, "compile": True, "block_compile": True,
+             "compile_mode": "reduce-overhead", "compile_dynamic": False}
+    job = job_dict(tiny_flux_dir, tmp_path, model=model, coat={"enabled": False},
+                   train={"batch_size": 1, "steps": 2, "gradient_accumulation": 2, "lr": 1e-3, "dtype": "bf16",
+                          "disable_sampling": True, "optimizer": "adamw", "gradient_checkpointing": False})
+    result = run_job(tmp_path, job)
+    assert result.steps == 2 and len(marks) == 4 and policies == [True, True]
+
+
+def test_zero_gradients_drops_or_zeroes_in_place() -> None:
+    from coatflux.trainer.loop import zero_gradients
+
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    zero_gradients(optimizer, params, keep_buffers=True)
+    buffers = [p.grad for p in params]
+    assert all(b is not None and not b.any() for b in buffers)
+    sum(p.sum() for p in params).backward()
+    assert all(p.grad is b and bool((b == 1).all()) for p, b in zip(params, buffers, strict=True))  # added in place
+    zero_gradients(optimizer, params, keep_buffers=True)
+    assert all(p.grad is b and not b.any() for p, b in zip(params, buffers, strict=True))
+    zero_gradients(optimizer, params, keep_buffers=False)
+    assert all(p.grad is None for p in params)

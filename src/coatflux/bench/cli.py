@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-dynamic", action=argparse.BooleanOptionalAction, default=True,
                         help="compile with dynamic shapes, as the trainer does by default (ai-toolkit's "
                              "compile_dynamic); --no-compile-dynamic specializes on each resolution")
+    parser.add_argument("--profile", nargs="+", choices=list(CONFIGS), default=[], metavar="CONFIG",
+                        help="after timing these configs at batch 1, profile one more step of the same model "
+                             "(torch.profiler: GPU busy time, kernels, CPU operators) into the JSON and markdown")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="total time budget in seconds; remaining work is skipped and the rows say so")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -94,6 +97,13 @@ class _Plan:
     device: torch.device
     deadline: float | None
     step_time: dict[tuple[str, int], float] = field(default_factory=dict)  # (config, res) -> bs1 s
+    profiles: list[dict] = field(default_factory=list)  # coatflux.bench.profile summaries
+
+    def options(self):  # -> SetupOptions
+        from coatflux.bench.configs import SetupOptions
+
+        return SetupOptions(_fused_default(self.args, self.device), self.args.compile_backend,
+                            self.args.compile_dynamic)
 
     def remaining(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
@@ -106,14 +116,12 @@ def _fused_default(args: argparse.Namespace, device: torch.device) -> bool:
 
 
 def _build(name: str, plan: _Plan):  # -> (model, optimizer)
-    from coatflux.bench.configs import CONFIGS, SetupOptions
+    from coatflux.bench.configs import CONFIGS
     from coatflux.bench.model import PRESETS, build_transformer
 
     preset = PRESETS[plan.args.preset]
     model = build_transformer(preset, plan.device)
-    options = SetupOptions(_fused_default(plan.args, plan.device), plan.args.compile_backend,
-                           plan.args.compile_dynamic)
-    optimizer = CONFIGS[name].setup(model, preset.lora_rank, options)
+    optimizer = CONFIGS[name].setup(model, preset.lora_rank, plan.options())
     return model, optimizer
 
 
@@ -121,8 +129,11 @@ class _Trainee:
     """The model and optimizer of one config, built on first use and dropped after an OOM."""
 
     def __init__(self, name: str, plan: _Plan) -> None:
+        from coatflux.bench.configs import CONFIGS
+
         self.name, self.plan = name, plan
         self.model = self.optimizer = None
+        self.cudagraphs = CONFIGS[name].cudagraphs(plan.options())  # each step must be marked
 
     def get(self):  # -> (model, optimizer)
         if self.model is None:
@@ -137,10 +148,12 @@ class _Trainee:
         free_memory(self.plan.device)
 
 
-def _step_fns(model, optimizer, data):
+def _step_fns(model, optimizer, data, cudagraphs: bool):
     from coatflux.bench.model import loss_of
 
     def forward_backward() -> None:
+        if cudagraphs:  # a new step: the CUDA graphs may reuse the last step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         loss_of(model, data).backward()
 
     def optimizer_step() -> None:
@@ -160,7 +173,8 @@ def _time_cell(trainee: _Trainee, plan: _Plan, row, steps: int, warmup: int) -> 
     def on_first(seconds: float) -> None:
         logger.info("bench: %s at %d px: first step %.1f s", row.config, row.resolution, seconds)
 
-    times = time_steps(*_step_fns(model, optimizer, data), plan.device, steps, warmup, plan.deadline, on_first)
+    fns = _step_fns(model, optimizer, data, trainee.cudagraphs)
+    times = time_steps(*fns, plan.device, steps, warmup, plan.deadline, on_first)
     row.step_s, row.optimizer_s, row.steps = times.median(), times.median_optimizer(), len(times.step)
     row.first_step_s = times.first
     row.peak_gb = peak_gb(plan.device)
@@ -168,6 +182,25 @@ def _time_cell(trainee: _Trainee, plan: _Plan, row, steps: int, warmup: int) -> 
         row.note = (row.note + "; " if row.note else "") + f"time budget: {row.steps} of {steps} steps"
     if row.step_s is None:
         row.status, row.note = "skipped", "time budget"
+    elif row.kind == "batch 1" and row.config in plan.args.profile:
+        _profile_cell(plan, row, fns)
+
+
+def _profile_cell(plan: _Plan, row, fns) -> None:
+    """One more step of the model just timed, under the profiler (after the timing: no distortion)."""
+    from coatflux.bench.profile import format_summary, headline, profile_step
+
+    forward_backward, optimizer_step = fns
+
+    def step() -> None:
+        forward_backward()
+        optimizer_step()
+
+    summary = profile_step(step, plan.device, row.config)
+    summary["resolution"], summary["batch"] = row.resolution, row.batch
+    plan.profiles.append(summary)
+    logger.info("bench: profile %s at %d px\n%s", row.config, row.resolution, format_summary(summary))
+    row.note = (row.note + "; " if row.note else "") + "profiled: " + headline(summary).split(": ", 1)[1]
 
 
 def _run_guarded(trainee: _Trainee, action, row) -> None:
@@ -216,9 +249,17 @@ def _predict(plan: _Plan, config: str, res: int, flops, batch: int = 1) -> float
 
 
 def _note_compilation(notes: list[str]) -> None:
-    """Record (and log) graph breaks of the compiled configs: each one splits a block's graph."""
+    """Record (and log) graph breaks of the compiled configs (each one splits a block's graph) and
+    graphs that inductor did not capture as CUDA graphs in a ``+cudagraphs`` config."""
     from torch._dynamo.utils import counters
 
+    skips = counters["inductor"]["cudagraph_skips"]
+    if skips:
+        prefix = "graphs not captured as CUDA graphs so far"
+        note = f"{prefix}: {skips} (the log's 'skipping cudagraphs due to' lines say why; TORCH_LOGS=perf_hints)"
+        if note not in notes:
+            notes[:] = [n for n in notes if not n.startswith(prefix)] + [note]
+            logger.warning("bench: %s", note)
     breaks = sum(counters["graph_break"].values())
     if not breaks:
         return
@@ -269,6 +310,8 @@ def _train_step(trainee: _Trainee, plan: _Plan, res: int, batch: int) -> str | N
     message = None
     try:
         data = make_batch(PRESETS[plan.args.preset], res, batch, plan.device)
+        if trainee.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss_of(model, data).backward()
         optimizer.step()
     except Exception as exc:
@@ -401,6 +444,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def save_partial() -> None:  # a run killed from outside still leaves what it measured
         report.derive(flops)
+        report.profiles = plan.profiles
         write_outputs(report, flops, args.json_path, args.markdown_path)
 
     passes = [(name, resolutions) for name in args.configs] if args.order == "config" else \
@@ -420,6 +464,7 @@ def _run(args: argparse.Namespace) -> int:
             save_partial()
     _label_max_batches(report.rows)
     report.derive(flops)
+    report.profiles = plan.profiles
     skipped = sum(r.status == "skipped" for r in report.rows)
     if skipped:
         report.notes.append(f"{skipped} cells were not measured (see their rows), budget {args.budget_s} s")

@@ -28,6 +28,12 @@ blocks) and builds an optimizer over them:
   share of the speed-up is visible next to COAT's; ``torchao-compiled``: torchao's float8
   training with the blocks compiled, its intended use (its eager row pays a tensor-subclass
   dispatch per op).
+* ``coat-compiled+cudagraphs`` / ``bf16-compiled+cudagraphs``: the same compiled blocks with
+  ``mode="reduce-overhead"``: inductor records each block's forward and backward as CUDA graphs
+  and replays them, one launch per graph instead of one per kernel. On an H100 the compiled
+  steps cost about 45 us per Triton launch at 512 px (``docs/benchmarks-notes.md``), so these
+  rows measure how much of the step is host time. The step loop marks each step's start
+  (``torch.compiler.cudagraph_mark_step_begin``) and drops gradients before the next replay.
 
 Compiled rows spend their first (warm-up) step compiling; ``--compile-backend`` picks the
 ``torch.compile`` backend (``inductor``; the CPU tests use ``aot_eager``, which traces the same
@@ -41,7 +47,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -96,9 +102,13 @@ class SetupOptions:
     fused_optimizer: bool = False
     compile_backend: str = "inductor"
     compile_dynamic: bool = True
+    compile_mode: str | None = None
 
     def compile_options(self) -> dict[str, object]:
-        return {"backend": self.compile_backend, "dynamic": self.compile_dynamic}
+        options: dict[str, object] = {"backend": self.compile_backend, "dynamic": self.compile_dynamic}
+        if self.compile_mode is not None:
+            options["mode"] = self.compile_mode
+        return options
 
 
 def _adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -201,10 +211,22 @@ class BenchConfig:
     prepare: Callable[..., torch.optim.Optimizer]
     checkpointing: bool = False
     unavailable: Callable[[], str | None] = lambda: None
+    compile_mode: str | None = None  # torch.compile mode of the compiled blocks (None: the default)
+
+    def options(self, options: SetupOptions | None = None) -> SetupOptions:
+        """The run's :class:`SetupOptions` with this recipe's own compile mode."""
+        options = options or SetupOptions()
+        return options if self.compile_mode is None else replace(options, compile_mode=self.compile_mode)
+
+    def cudagraphs(self, options: SetupOptions | None = None) -> bool:
+        """Whether this recipe's compiled blocks replay as CUDA graphs (the step loop must mark steps)."""
+        from coatflux.core.compiled import uses_cudagraphs
+
+        return uses_cudagraphs(self.options(options).compile_options())
 
     def setup(self, model: nn.Module, rank: int, options: SetupOptions | None = None) -> torch.optim.Optimizer:
         """Convert ``model`` in place for this recipe and return its optimizer."""
-        optimizer = self.prepare(model, rank, options or SetupOptions())
+        optimizer = self.prepare(model, rank, self.options(options))
         if self.checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
@@ -224,6 +246,10 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
     BenchConfig("coat-compiled", "COAT with each block one torch.compile graph (compile_blocks)",
                 prepare_coat_compiled),
     BenchConfig("bf16-compiled", "bf16 with each block one torch.compile graph", prepare_bf16_compiled),
+    BenchConfig("coat-compiled+cudagraphs", "coat-compiled, each block's graphs replayed as CUDA graphs "
+                "(mode reduce-overhead)", prepare_coat_compiled, compile_mode="reduce-overhead"),
+    BenchConfig("bf16-compiled+cudagraphs", "bf16-compiled, each block's graphs replayed as CUDA graphs "
+                "(mode reduce-overhead)", prepare_bf16_compiled, compile_mode="reduce-overhead"),
     BenchConfig("torchao-compiled", "torchao float8 training with each block compiled (how torchao is meant to run)",
                 prepare_torchao_compiled, unavailable=_torchao_missing),
 )}

@@ -55,6 +55,7 @@ class Report:
     rates: MatmulRates | None
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    profiles: list[dict[str, Any]] = field(default_factory=list)  # coatflux.bench.profile summaries
 
     def derive(self, flops: dict[int, StepFlops]) -> None:
         """Fill the floor fractions and speed-ups from the measured times and the FLOP counts."""
@@ -74,7 +75,7 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return {"environment": self.environment, "rates": asdict(self.rates) if self.rates else None,
-                "rows": [asdict(r) for r in self.rows], "notes": self.notes}
+                "rows": [asdict(r) for r in self.rows], "notes": self.notes, "profiles": self.profiles}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> Report:
@@ -82,7 +83,8 @@ class Report:
         try:
             rates = MatmulRates(**data["rates"]) if data.get("rates") else None
             rows = [Row(**row) for row in data["rows"]]
-            return cls(dict(data["environment"]), rates, rows, list(data.get("notes", [])))
+            return cls(dict(data["environment"]), rates, rows, list(data.get("notes", [])),
+                       list(data.get("profiles", [])))
         except (KeyError, TypeError) as err:
             raise ValueError(f"{source}: not a coatflux bench JSON report ({type(err).__name__}: {err})") from err
 
@@ -186,6 +188,10 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
         + ".", ""]
     if report.notes:
         out += ["## Notes from this run", ""] + [f"- {n}" for n in report.notes] + [""]
+    if report.profiles:
+        out += ["## Profiled steps", "", "One step after the timed ones, under `torch.profiler` (its own overhead "
+                "included in the step), GPU kernel time by category:", ""]
+        out += [_profile_line(p) for p in report.profiles] + [""]
     out += ["## How to read it", "",
             "- step s: median wall time of one training step (forward, backward, optimizer step) over n timed "
             "steps after warm-up; CUDA events on a GPU. optimizer s: the optimizer-step part of it. first step s: "
@@ -203,6 +209,13 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
             "- Every recipe trains the same rank-16 LoRA (fp32 weights, multiplied in bf16) on ai-toolkit's targets; the model has "
             "random weights (timing and memory depend on shapes only). No figure here is estimated.", ""]
     return "\n".join(out)
+
+
+def _profile_line(summary: dict[str, Any]) -> str:
+    from coatflux.bench.profile import headline
+
+    categories = ", ".join(f"{label} {ms:.1f} ms" for label, ms in summary["by_category_ms"].items())
+    return f"- {summary.get('resolution', '?')} px, {headline(summary)}" + (f"; {categories}" if categories else "")
 
 
 def not_in_run(rows: list[Row]) -> list[tuple[str, str]]:

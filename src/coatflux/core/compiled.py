@@ -372,6 +372,26 @@ def coat_compile_options(compile_options: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+#: ``torch.compile`` modes under which inductor replays each compiled graph as a CUDA graph.
+CUDAGRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+
+
+def uses_cudagraphs(compile_options: Mapping[str, Any]) -> bool:
+    """Whether graphs compiled with ``compile_options`` replay as CUDA graphs on a GPU.
+
+    Why it matters to a training loop: a compiled step is bound by the host when it launches
+    thousands of small kernels (on an H100, a FLUX.1-dev step compiled per block took about 45 us
+    per Triton launch, see ``docs/benchmarks-notes.md``); a CUDA graph replays a block's kernels
+    with one launch. In exchange the loop must say where a step begins
+    (``torch.compiler.cudagraph_mark_step_begin``) and must not keep a graph's outputs, parameter
+    gradients included, across the next replay (see the trainer's gradient handling).
+    """
+    options = compile_options.get("options") or {}
+    if "triton.cudagraphs" in options:
+        return bool(options["triton.cudagraphs"])
+    return compile_options.get("backend", "inductor") == "inductor" and compile_options.get("mode") in CUDAGRAPH_MODES
+
+
 class PartitioningBackend:
     """A ``torch.compile`` backend that steers how AOTAutograd splits a block into forward and
     backward, then compiles the graph with ``backend`` (a name, as ``torch.compile`` takes it, or a

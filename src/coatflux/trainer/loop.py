@@ -83,7 +83,7 @@ from coatflux.trainer.faults import (
     signal_name,
 )
 from coatflux.trainer.measure import block_copies, measure_memory
-from coatflux.trainer.network import TrainedNetwork, build_network
+from coatflux.trainer.network import TrainedNetwork, build_network, compiles_with_cudagraphs
 from coatflux.trainer.objective import flow_matching_loss, noise_generator
 from coatflux.trainer.optimizers import LoRAEMA, build_lr_scheduler, build_optimizer
 from coatflux.trainer.report import MemoryTable, format_table, memory_line
@@ -322,6 +322,20 @@ def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
 # Phase 4: the step loop.
 
 
+def zero_gradients(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], keep_buffers: bool) -> None:
+    """Clear the gradients before a step: dropped (the usual, cheapest), or, with ``keep_buffers``,
+    zeroed in place in buffers allocated here once, outside any CUDA graph, so that backward adds
+    into them instead of handing over memory that a graph replay would overwrite."""
+    if not keep_buffers:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        else:
+            param.grad.zero_()
+
+
 class _Loop:
     """One optimizer step at a time, with logging, saving, sampling and fault handling."""
 
@@ -334,6 +348,14 @@ class _Loop:
         self.seed, self.in_optimizer_step = 0, False
         self.monitor = _range_monitor(run.transformer)
         self.samples_per_step = run.cfg.train.batch_size * run.cfg.train.gradient_accumulation * run.runtime.world_size
+        self.cudagraphs = compiles_with_cudagraphs(run.cfg)
+        if self.cudagraphs and run.runtime.world_size > 1:
+            raise ValueError(f"model.compile_mode: {run.cfg.model.compile_mode!r} replays the compiled blocks as "
+                             f"CUDA graphs, which this trainer runs on one GPU only ({run.runtime.world_size} "
+                             "processes here); use compile_mode: default with several GPUs")
+        # Under CUDA graphs a gradient the compiled backward allocates lives in the graphs' memory,
+        # which the next micro-batch's replay overwrites: accumulation needs .grad buffers of its own.
+        self.stable_grads = self.cudagraphs and run.cfg.train.gradient_accumulation > 1
 
     def run(self, state: _State, stream: Iterator, sampler: Sampler | None) -> str | None:
         """Train to ``train.steps``; returns the signal's name if SIGINT/SIGTERM stopped it first."""
@@ -428,12 +450,14 @@ class _Loop:
         """Forward and backward over this step's micro-batches, then the optimizer (or a skip)."""
         run, number, accumulation = self.run_, state.step + 1, self.cfg.train.gradient_accumulation
         self.in_optimizer_step = False
-        run.optimizer.zero_grad(set_to_none=True)
+        zero_gradients(run.optimizer, self.params, keep_buffers=self.stable_grads)
         micro = self._micro_batches(state, stream)
         losses = []
         for j, (index, batch) in enumerate(micro):
             if j == 0:
                 self._report("before_forward", number)
+            if self.cudagraphs:  # a new model invocation: the graphs may reuse the last one's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             with run.runtime.no_sync(run.model, skip=j < accumulation - 1):
                 loss = self._loss(index, batch, run.model)
                 if j == accumulation - 1:

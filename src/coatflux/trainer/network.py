@@ -71,6 +71,16 @@ def _compile_options(cfg: TrainJobConfig) -> dict[str, object]:
     return {"mode": model.compile_mode, "dynamic": model.compile_dynamic, "fullgraph": model.compile_fullgraph}
 
 
+def compiles_with_cudagraphs(cfg: TrainJobConfig) -> bool:
+    """Whether the transformer's compiled graphs replay as CUDA graphs (``model.compile_mode``
+    ``reduce-overhead`` or ``max-autotune``): the step loop then marks each step's start and
+    keeps gradient buffers stable (see ``coatflux.core.compiled.uses_cudagraphs``)."""
+    from coatflux.core.compiled import uses_cudagraphs
+
+    compiled = cfg.model.compile or (cfg.coat.enabled and cfg.coat.activation.compile_blocks)
+    return bool(compiled) and uses_cudagraphs(_compile_options(cfg))
+
+
 def _convert_and_compile(transformer: nn.Module, cfg: TrainJobConfig, device: torch.device) -> None:
     """COAT (FP8 linears + compressed activations), or FP8 weights alone with ``model.quantize``.
 
