@@ -40,9 +40,16 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
-def _assert_identical(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert (a.dtype, a.shape) == (b.dtype, b.shape)
-    assert torch.equal(_bytes(a), _bytes(b))
+def _assert_identical(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    assert (a.dtype, a.shape) == (b.dtype, b.shape), what
+    bytes_a, bytes_b = _bytes(a), _bytes(b)
+    if not torch.equal(bytes_a, bytes_b):  # say where: a GPU run is rare and its log is all there is
+        width = a.element_size()
+        differ = (bytes_a != bytes_b).reshape(-1, width).any(dim=1).nonzero().flatten()
+        first = int(differ[0])
+        flat_a, flat_b = a.detach().cpu().reshape(-1), b.detach().cpu().reshape(-1)
+        raise AssertionError(f"{what}: {differ.numel()} of {a.numel()} elements differ; first at {first}: "
+                             f"reference {flat_a[first].item()!r} vs fast {flat_b[first].item()!r}")
 
 
 def _assert_same_values(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -61,16 +68,18 @@ def _assert_same_values(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _check_tensor(x: torch.Tensor, fmt, backend: str) -> None:
     ref, fast = quantize_reference(x, fmt, "tensor"), quant.quantize_tensor(x, fmt, backend=backend)
-    _assert_identical(ref.data, fast.data)
-    _assert_identical(ref.scale, fast.scale)
+    where = f"per-tensor {fmt.name} {x.dtype} {tuple(x.shape)} on {x.device.type} ({backend})"
+    _assert_identical(ref.scale, fast.scale, f"{where}, scale")
+    _assert_identical(ref.data, fast.data, f"{where}, codes (scale {ref.scale.item()!r})")
     _assert_same_values(dequantize_reference(ref), quant.dequantize(fast, backend=backend))
 
 
 def _check_group(x: torch.Tensor, fmt, group: int, backend: str) -> None:
     ref = quantize_reference(x, fmt, "group", group, pow2_scales=True)
     fast = quant.quantize_group_pow2(x, fmt, group, backend=backend)
-    _assert_identical(ref.data, fast.data)
-    _assert_identical(ref.scale, fast.scale)
+    where = f"group-{group} {fmt.name} {x.dtype} {tuple(x.shape)} on {x.device.type} ({backend})"
+    _assert_identical(ref.scale, fast.scale, f"{where}, exponents")
+    _assert_identical(ref.data, fast.data, f"{where}, codes")
     _assert_same_values(dequantize_reference(ref), quant.dequantize(fast, backend=backend))
     _assert_same_values(dequantize_reference(ref, torch.float32), quant.dequantize(fast, torch.float32, backend=backend))
 
