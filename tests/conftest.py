@@ -67,3 +67,10 @@ def _load_without_warnings(pipe, path: Path) -> None:
 def load_lora_no_warnings():
     """``fn(pipe, path)``: ``pipe.load_lora_weights(path)`` that fails the test on any key warning."""
     return _load_without_warnings
+
+
+@pytest.fixture(autouse=True)
+def _private_plan_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own GEMM row-plan cache folder: none writes to the user's home, and none
+    reads plans another test (or a real run) left (``coatflux.core.gemm.PlanCache``)."""
+    monkeypatch.setenv("COATFLUX_CACHE_DIR", str(tmp_path_factory.mktemp("coatflux-cache")))

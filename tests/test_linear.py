@@ -1,6 +1,8 @@
 
 import copy
 import itertools
+import json
+import logging
 
 import pytest
 import torch
@@ -234,3 +236,64 @@ def test_gemm_planner_compares_the_two_real_gemm_paths():
         pytest.skip("this PyTorch build has no CPU torch._scaled_mm to time")
     assert decision is True and seen[0].shape == seen[1].shape == (32, 16)
     assert sqnr_db(seen[1], seen[0].float()) > 30
+
+
+def test_plan_cache_keeps_row_plans_for_the_next_run(tmp_path, caplog):
+    """A plan timed once is read back by a later planner (a later run) instead of being timed again,
+    so the compiled graphs stay the same; the key carries the card, software and rungs."""
+    from coatflux.core.gemm import PLAN_ROWS, GemmPlanner, PlanCache
+
+    timed = []
+
+    class Planner(GemmPlanner):
+        def _fp8_linear_is_faster(self, device, m, n, k, dtype):
+            timed.append(m)
+            return m >= 512
+
+    dev, path = torch.device("cpu"), tmp_path / "cache" / "plans.json"
+    first = Planner(cache=PlanCache(path)).row_plan(dev, 48, 64, torch.bfloat16)
+    assert first == ((1, False), (512, True)) and len(timed) == len(PLAN_ROWS) and path.is_file()
+    with caplog.at_level(logging.INFO, logger="coatflux.core.gemm"):
+        again = Planner(cache=PlanCache(path)).row_plan(dev, 48, 64, torch.bfloat16)
+    assert again == first and len(timed) == len(PLAN_ROWS)  # not timed again
+    assert f"from {path}" in caplog.text
+    Planner(cache=PlanCache(path)).row_plan(dev, 64, 64, torch.bfloat16)  # another shape joins the file
+    key = PlanCache.key(dev, 48, 64, torch.bfloat16)
+    assert torch.__version__ in key and ",".join(map(str, PLAN_ROWS)) in key and "48x64 bfloat16" in key
+    assert {key, PlanCache.key(dev, 64, 64, torch.bfloat16)} == set(json.loads(path.read_text())["plans"])
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": 99, "plans": {}}', '[1, 2]'])
+def test_plan_cache_that_cannot_be_read_is_named_and_replaced(tmp_path, caplog, content):
+    from coatflux.core.gemm import GemmPlanner, PlanCache
+
+    class Planner(GemmPlanner):
+        def _fp8_linear_is_faster(self, device, m, n, k, dtype):
+            return True
+
+    path = tmp_path / "plans.json"
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="coatflux.core.gemm"):
+        plan = Planner(cache=PlanCache(path)).row_plan(torch.device("cpu"), 48, 64, torch.bfloat16)
+    assert plan == ((1, True),) and str(path) in caplog.text
+    assert json.loads(path.read_text())["version"] == PlanCache.VERSION  # rewritten whole, readable
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_replay_time_measures_the_gpu_work():
+    """Replaying a captured GEMM takes about as long as the GEMM; launched one small kernel at a time
+    from Python, the same work takes longer (host-bound)."""
+    from coatflux.core.gemm import cuda_event_time, graph_replay_time
+
+    dev = torch.device("cuda")
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    big = graph_replay_time(lambda: a @ a, dev)
+    assert 0.5 < big / cuda_event_time(lambda: a @ a, dev) < 1.5
+    x = torch.randn(64, device=dev)
+
+    def many_small() -> None:
+        for _ in range(200):
+            x.mul_(1.0)
+
+    assert graph_replay_time(many_small, dev) < cuda_event_time(many_small, dev)

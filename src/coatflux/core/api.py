@@ -44,7 +44,7 @@ from coatflux.core.compiled import (
     inline_hooks_available,
 )
 from coatflux.core.config import ActivationConfig, COATConfig
-from coatflux.core.gemm import GemmPlanner, fp8_gemm_support, shape_supported
+from coatflux.core.gemm import GemmPlanner, PlanCache, fp8_gemm_support, shape_supported
 from coatflux.core.linear import FP8Linear, InputCache
 from coatflux.core.nonlinear import fused_replacement
 from coatflux.core.optim import FP8AdamW
@@ -124,8 +124,9 @@ def _float8_available() -> bool:
 
 def _new_context(config: COATConfig, compressor: ActivationCompressor | None = None,
                  input_cache: InputCache | None = None, **fields: Any) -> COATContext:
-    """A context with the model's GEMM planner (one per model, if ``gemm_autotune``)."""
-    planner = GemmPlanner() if config.activation.gemm_autotune else None
+    """A context with the model's GEMM planner (one per model, if ``gemm_autotune``; its row plans
+    for compiled blocks are kept on disk, see :class:`~coatflux.core.gemm.PlanCache`)."""
+    planner = GemmPlanner(cache=PlanCache.default()) if config.activation.gemm_autotune else None
     return COATContext(config, compressor, input_cache or InputCache(), planner=planner, **fields)
 
 

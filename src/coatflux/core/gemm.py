@@ -21,12 +21,17 @@ shape and tile size, needs no autotuning and has no boundary bugs of our own; fu
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from coatflux.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,29 @@ def fp8_mm(
 Timer = Callable[[Callable[[], object], torch.device], float]
 
 
+def graph_replay_time(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn``'s GPU work: ``fn`` captured once as a CUDA graph, each replay timed.
+
+    Why not time ``fn`` itself: a small GEMM with its casts is a handful of kernels of a few
+    microseconds each, and launched one by one from Python the host is slower than the GPU, so
+    the timing measures launches. A compiled block launches those kernels from inductor's wrapper
+    (or replays them as a CUDA graph): what a row plan must compare is the GPU's work. Falls back
+    to :func:`cuda_event_time`, with a warning, where ``fn`` cannot be captured.
+    """
+    try:
+        for _ in range(warmup):  # first calls outside the capture (cuBLAS handles, workspaces)
+            fn()
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as error:
+        logger.warning("GEMM timing: CUDA graph capture failed (%s); timing launches from Python instead",
+                       str(error).splitlines()[0][:160])
+        return cuda_event_time(fn, device, repeats, warmup)
+    return cuda_event_time(graph.replay, device, repeats, warmup)
+
+
 def cuda_event_time(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
     """Median milliseconds of ``fn`` on ``device`` after ``warmup`` calls, timed with CUDA events."""
     for _ in range(warmup):
@@ -119,6 +147,86 @@ PLAN_ROWS = (1, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
 #: ``((first row count, FP8?), ...)``: ascending row counts, each decision holding up to the next
 #: entry's row count; adjacent decisions differ, and the first entry starts at 1 row.
 RowPlan = tuple[tuple[int, bool], ...]
+
+#: Environment variable naming the folder of :class:`PlanCache`'s file (default ``~/.cache/coatflux``).
+CACHE_DIR_VARIABLE = "COATFLUX_CACHE_DIR"
+
+
+class PlanCache:
+    """Row plans kept on disk, one JSON file per machine user, keyed by card, software and shape.
+
+    Why: a plan decides which graph a compiled block compiles, and near a boundary both paths take
+    about the same time, so timing again can decide the other way (two H200 runs of 2026-11-26
+    disagreed on five of twelve FLUX.1-dev shapes). A new plan is a new graph: inductor's on-disk
+    cache misses and the blocks compile from scratch (100-160 s on an H200). Kept, a plan makes
+    the next run's graphs the same as this one's, and costs no timing. The key holds the card, its
+    compute capability, the torch and CUDA versions and the rungs of :data:`PLAN_ROWS`; a change
+    of any of them times again. Chosen against keeping plans in memory per process only: the
+    bench and the trainer build one model per process, so that would keep nothing.
+
+    A file that cannot be read as this cache is reported (named) and replaced on the next write.
+    Writes are atomic and merge with what is on disk then, so processes sharing the file (the
+    ranks of a multi-GPU run) keep each other's plans.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._plans: dict[str, RowPlan] | None = None
+
+    @classmethod
+    def default(cls) -> PlanCache:
+        """The cache in ``$COATFLUX_CACHE_DIR`` or ``~/.cache/coatflux``."""
+        folder = os.environ.get(CACHE_DIR_VARIABLE) or Path.home() / ".cache" / "coatflux"
+        return cls(Path(folder) / "gemm_row_plans.json")
+
+    @staticmethod
+    def key(device: torch.device, n: int, k: int, dtype: torch.dtype) -> str:
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            card = f"{torch.cuda.get_device_name(device)} sm{major}{minor} cuda {torch.version.cuda}"
+        else:
+            card = device.type
+        rows = ",".join(map(str, PLAN_ROWS))
+        return f"{card} | torch {torch.__version__} | {n}x{k} {str(dtype).replace('torch.', '')} | rows {rows}"
+
+    def get(self, key: str) -> RowPlan | None:
+        if self._plans is None:
+            self._plans = self._read()
+        return self._plans.get(key)
+
+    def put(self, key: str, plan: RowPlan) -> None:
+        plans = {**self._read(), key: plan}
+        text = json.dumps({"version": self.VERSION, "plans": {k: [list(e) for e in v] for k, v in plans.items()}},
+                          indent=1, sort_keys=True)
+        try:
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text + "\n"))
+        except OSError as error:  # a read-only home must not stop training; the plan still holds
+            logger.warning("GEMM plans: cannot write %s (%s); plans will be timed again next run", self.path, error)
+        self._plans = plans
+
+    def _read(self) -> dict[str, RowPlan]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            logger.warning("GEMM plans: %s is not readable as a plan cache (%s); timing again", self.path, error)
+            return {}
+        if not isinstance(data, dict) or data.get("version") != self.VERSION or not isinstance(data.get("plans"), dict):
+            logger.warning("GEMM plans: %s is not a version-%d plan cache; timing again", self.path, self.VERSION)
+            return {}
+        plans = {}
+        for key, entries in data["plans"].items():
+            try:
+                plan = tuple((int(rows), bool(use)) for rows, use in entries)
+            except (TypeError, ValueError):
+                logger.warning("GEMM plans: %s: entry %r is malformed; timing it again", self.path, key)
+                continue
+            if plan and plan[0][0] == 1:
+                plans[key] = plan
+        return plans
 
 
 def fp8_for_rows(plan: RowPlan, rows: Any) -> bool:
@@ -147,8 +255,11 @@ class GemmPlanner:
     for the rest of the run. A few shapes per resolution, a few milliseconds each.
     """
 
-    def __init__(self, timer: Timer | None = None) -> None:
+    def __init__(self, timer: Timer | None = None, plan_timer: Timer | None = None,
+                 cache: PlanCache | None = None) -> None:
         self._timer = timer or cuda_event_time
+        self._plan_timer = plan_timer or timer or graph_replay_time
+        self._cache = cache
         self._choices: dict[tuple, bool] = {}
         self._plans: dict[tuple, RowPlan] = {}
 
@@ -187,21 +298,34 @@ class GemmPlanner:
         * plain: the weight upcast to ``dtype`` for each GEMM (it is recomputed, never stored) and
           the two ``dtype`` GEMMs, of the unquantized input.
 
-        The kernels run eagerly, one per pass, as inductor emits them. Timed once per
-        (device, n, k, dtype); adjacent rungs with equal decisions merge, so a plan of one entry
-        (FP8 everywhere, or nowhere) costs the compiled graph no guard.
+        The kernels run one per pass, as inductor emits them, captured as a CUDA graph and timed
+        by replay (:func:`graph_replay_time`): the GPU's work, not Python's launches. Timed once per
+        (device, n, k, dtype) and kept in the :class:`PlanCache`, if the planner has one, for
+        later runs; adjacent rungs with equal decisions merge, so a plan of one entry (FP8
+        everywhere, or nowhere) costs the compiled graph no guard.
         """
         key = (torch.device(device), n, k, dtype)
-        if key not in self._plans:
-            decisions = [(rows, self._fp8_linear_is_faster(key[0], rows, n, k, dtype)) for rows in PLAN_ROWS]
-            plan = [decisions[0]]
-            for rows, use in decisions[1:]:
-                if use != plan[-1][1]:
-                    plan.append((rows, use))
-            self._plans[key] = tuple(plan)
-            logger.info("GEMM plan %dx%d (%s): %s", n, k, dtype, ", ".join(
-                f"{'FP8' if use else dtype} from {rows} rows" for rows, use in self._plans[key]))
-        return self._plans[key]
+        if key in self._plans:
+            return self._plans[key]
+        cache_key = PlanCache.key(key[0], n, k, dtype) if self._cache is not None else None
+        plan = self._cache.get(cache_key) if self._cache is not None else None
+        source = f"from {self._cache.path}" if plan is not None else "timed"
+        if plan is None:
+            plan = self._time_row_plan(key[0], n, k, dtype)
+            if self._cache is not None:
+                self._cache.put(cache_key, plan)
+        self._plans[key] = plan
+        logger.info("GEMM plan %dx%d (%s, %s): %s", n, k, dtype, source, ", ".join(
+            f"{'FP8' if use else dtype} from {rows} rows" for rows, use in plan))
+        return plan
+
+    def _time_row_plan(self, device: torch.device, n: int, k: int, dtype: torch.dtype) -> RowPlan:
+        decisions = [(rows, self._fp8_linear_is_faster(device, rows, n, k, dtype)) for rows in PLAN_ROWS]
+        plan = [decisions[0]]
+        for rows, use in decisions[1:]:
+            if use != plan[-1][1]:
+                plan.append((rows, use))
+        return tuple(plan)
 
     @property
     def plans(self) -> dict[tuple, RowPlan]:
@@ -227,4 +351,4 @@ class GemmPlanner:
             x @ w.to(dtype).t()
             return g @ w.to(dtype)
 
-        return self._timer(fp8, device) < self._timer(plain, device)
+        return self._plan_timer(fp8, device) < self._plan_timer(plain, device)
