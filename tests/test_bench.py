@@ -226,3 +226,19 @@ def test_profile_flag_profiles_the_timed_model(tmp_path, one_thread):
     rows = {r["config"]: r for r in result["rows"]}
     assert "profiled: step" in rows["coat"]["note"] and "profiled" not in rows["bf16"]["note"]
     assert "## Profiled steps" in md.read_text() and "32 px, coat: step" in md.read_text()
+
+
+def test_a_failed_profile_keeps_the_timing(tmp_path, one_thread, monkeypatch):
+    from coatflux.bench import profile
+    from coatflux.bench.__main__ import main
+
+    def broken(step, device, name, top=20):
+        raise RuntimeError("profiler unavailable here")
+
+    monkeypatch.setattr(profile, "profile_step", broken)
+    js = tmp_path / "bench.json"
+    assert main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--json", str(js), "--resolutions", "32",
+                 "--configs", "bf16", "--profile", "bf16", "--no-max-batch-search"]) == 0
+    (row,) = json.loads(js.read_text())["rows"]
+    assert row["status"] == "ok" and row["step_s"] > 0
+    assert "profile failed: RuntimeError: profiler unavailable here" in row["note"]

@@ -196,7 +196,14 @@ def _profile_cell(plan: _Plan, row, fns) -> None:
         forward_backward()
         optimizer_step()
 
-    summary = profile_step(step, plan.device, row.config)
+    try:
+        summary = profile_step(step, plan.device, row.config)
+    except Exception as exc:  # the timing above stands; the row says why it has no profile
+        message = f"profile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        del exc
+        logger.warning("bench %s @%d: %s", row.config, row.resolution, message)
+        row.note = (row.note + "; " if row.note else "") + message
+        return
     summary["resolution"], summary["batch"] = row.resolution, row.batch
     plan.profiles.append(summary)
     logger.info("bench: profile %s at %d px\n%s", row.config, row.resolution, format_summary(summary))
