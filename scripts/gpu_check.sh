@@ -38,7 +38,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # 1024 px only: 512 px costs each compiled recipe a recompilation (~60 s; a row-plan boundary lies
 # between their row counts), and a fresh model per cell would time its row plans again. The bench
 # writes bench.json / benchmarks.md after every config, so a kill keeps what ran.
-TORCH_LOGS=recompiles,perf_hints timeout 370 python3 -m coatflux.bench --preset flux-dev --resolutions 1024 \
+TORCH_LOGS=recompiles,cudagraphs timeout 370 python3 -m coatflux.bench --preset flux-dev --resolutions 1024 \
   --steps 10 --warmup 2 --order config \
   --configs bf16 coat-compiled+cudagraphs bf16-compiled+cudagraphs coat-compiled bf16-compiled \
   --profile coat-compiled+cudagraphs coat-compiled --no-max-batch-search --budget-s 350 \

@@ -242,3 +242,20 @@ def test_a_failed_profile_keeps_the_timing(tmp_path, one_thread, monkeypatch):
     (row,) = json.loads(js.read_text())["rows"]
     assert row["status"] == "ok" and row["step_s"] > 0
     assert "profile failed: RuntimeError: profiler unavailable here" in row["note"]
+
+
+def test_a_finished_cudagraph_config_releases_its_graphs(monkeypatch):
+    """CUDA graph trees outlive the model they were recorded for (and hold its pool): finishing a
+    ``+cudagraphs`` config resets them, so the next config's peak memory is its own."""
+    import argparse
+
+    from coatflux.bench.cli import _Plan, _Trainee
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    args = argparse.Namespace(fused_optimizer=None, compile_backend="inductor", compile_dynamic=True)
+    plan = _Plan(args, torch.device("cpu"), None)
+    _Trainee("coat-compiled", plan).finish()
+    assert resets == []
+    _Trainee("coat-compiled+cudagraphs", plan).finish()
+    assert resets == [1]

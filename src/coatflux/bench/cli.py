@@ -147,6 +147,18 @@ class _Trainee:
         self.model = self.optimizer = None
         free_memory(self.plan.device)
 
+    def finish(self) -> None:
+        """Drop the config for good. A CUDA-graph config's graphs keep their memory pool (static
+        inputs and outputs) after the model is gone, which would count in the next config's peak:
+        ``torch._dynamo.reset`` shuts the graph trees down (the compiled code goes too; the next
+        config compiles its own anyway, and inductor's disk cache stays)."""
+        self.drop()
+        if self.cudagraphs:
+            from coatflux.bench.measure import free_memory
+
+            torch._dynamo.reset()
+            free_memory(self.plan.device)
+
 
 def _step_fns(model, optimizer, data, cudagraphs: bool):
     from coatflux.bench.model import loss_of
@@ -263,7 +275,7 @@ def _note_compilation(notes: list[str]) -> None:
     skips = counters["inductor"]["cudagraph_skips"]
     if skips:
         prefix = "graphs not captured as CUDA graphs so far"
-        note = f"{prefix}: {skips} (the log's 'skipping cudagraphs due to' lines say why; TORCH_LOGS=perf_hints)"
+        note = f"{prefix}: {skips} (TORCH_LOGS=cudagraphs prints why)"
         if note not in notes:
             notes[:] = [n for n in notes if not n.startswith(prefix)] + [note]
             logger.warning("bench: %s", note)
@@ -301,7 +313,7 @@ def _run_batch1(plan: _Plan, name: str, resolutions: list[int], flops, rows: lis
             plan.step_time[(name, row.resolution)] = row.step_s
         if trainee.optimizer is not None:
             trainee.optimizer.zero_grad(set_to_none=True)
-    trainee.drop()
+    trainee.finish()
 
 
 def _train_step(trainee: _Trainee, plan: _Plan, res: int, batch: int) -> str | None:
@@ -360,7 +372,7 @@ def _run_max_batch(plan: _Plan, name: str, res: int, flops, rows: list) -> None:
     cap = plan.args.max_batch_cap or PRESETS[plan.args.preset].max_batch_cap
     trainee = _Trainee(name, plan)
     _run_guarded(trainee, lambda: _search_and_time(trainee, plan, row, t1, cap), row)
-    trainee.drop()
+    trainee.finish()
 
 
 def _search_and_time(trainee: _Trainee, plan: _Plan, row, t1: float, cap: int) -> None:
