@@ -110,11 +110,17 @@ def graph_replay_time(fn: Callable[[], object], device: torch.device, repeats: i
     to :func:`cuda_event_time`, with a warning, where ``fn`` cannot be captured.
     """
     try:
-        for _ in range(warmup):  # first calls outside the capture (cuBLAS handles, workspaces)
-            fn()
+        # Warm up on the stream that captures, as PyTorch's CUDA graph notes advise: lazy
+        # per-stream set-up (cuBLAS handles and workspaces) must not happen during the capture.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(max(warmup, 1)):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             fn()
     except RuntimeError as error:
         logger.warning("GEMM timing: CUDA graph capture failed (%s); timing launches from Python instead",
