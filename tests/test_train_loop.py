@@ -287,11 +287,15 @@ def test_cudagraph_compile_mode_marks_steps_and_keeps_gradient_buffers(tmp_path:
     monkeypatch.setattr(loop, "zero_gradients", spy)
     model = {"name_or_path": str(tiny_flux_dir), "is_flux": True, "compile": True, "block_compile": True,
              "compile_mode": "reduce-overhead", "compile_dynamic": False}
-    job = job_dict(tiny_flux_dir, tmp_path, model=model, coat={"enabled": False},
+    sample = {"sample_every": 2, "width": 64, "height": 64, "prompts": ["a [trigger] block"], "sample_steps": 2,
+              "guidance_scale": 3.5, "format": "png"}
+    job = job_dict(tiny_flux_dir, tmp_path, model=model, coat={"enabled": False}, sample=sample,
                    train={"batch_size": 1, "steps": 2, "gradient_accumulation": 2, "lr": 1e-3, "dtype": "bf16",
-                          "disable_sampling": True, "optimizer": "adamw", "gradient_checkpointing": False})
+                          "optimizer": "adamw", "gradient_checkpointing": False})
     result = run_job(tmp_path, job)
-    assert result.steps == 2 and len(marks) == 4 and policies == [True, True]
+    images = list((tmp_path / "output" / "run" / "samples").glob("*.png"))
+    # 2 steps x 2 micro-batches, and per sample one mark before the pipeline and one per denoising step
+    assert result.steps == 2 and images and len(marks) == 4 + 3 * len(images) and policies == [True, True]
 
 
 def test_zero_gradients_drops_or_zeroes_in_place() -> None:

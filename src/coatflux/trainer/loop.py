@@ -296,7 +296,8 @@ def _make_sampler(cfg: TrainJobConfig, components, paths: RunPaths, device: torc
         return None
     trigger = cfg.trigger_word or next((d.trigger_word for d in cfg.datasets if d.trigger_word), None)
     embeddings = encode_prompts(components, sample_prompts(items, trigger), device, dtype)
-    return Sampler(components, items, embeddings, paths.samples, cfg.sample.format, device)
+    return Sampler(components, items, embeddings, paths.samples, cfg.sample.format, device,
+                   cudagraphs=compiles_with_cudagraphs(cfg))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,13 +56,21 @@ def sample_prompts(items: Sequence[SampleItem], trigger: str | None) -> list[str
     return [inject_trigger(item.prompt, trigger, add_if_absent=False) for item in items]
 
 
+def _mark_cudagraph_step(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+    """diffusers' ``callback_on_step_end``: the next denoising step's transformer call starts a new
+    step for inductor's CUDA graph trees (this step's outputs have been consumed)."""
+    torch.compiler.cudagraph_mark_step_begin()
+    return callback_kwargs
+
+
 class Sampler:
     """Draws the configured samples from precomputed prompt embeddings."""
 
     def __init__(self, components, items: Sequence[SampleItem], embeddings: dict[str, torch.Tensor],
-                 folder: Path, image_format: str, device: torch.device) -> None:
+                 folder: Path, image_format: str, device: torch.device, cudagraphs: bool = False) -> None:
         self.components, self.items, self.embeddings = components, list(items), embeddings
         self.folder, self.format, self.device = Path(folder), image_format, device
+        self.cudagraphs = cudagraphs  # the transformer's blocks replay as CUDA graphs: mark each call
 
     def _pipeline(self):
         from diffusers import FluxPipeline
@@ -93,11 +101,15 @@ class Sampler:
 
         set_lora_multiplier(pipe.transformer, item.network_multiplier)
         dtype = next(p.dtype for p in self.components.vae.parameters())
+        marks = {}
+        if self.cudagraphs:  # each transformer call is a new step for the graph trees, as in training
+            torch.compiler.cudagraph_mark_step_begin()
+            marks["callback_on_step_end"] = _mark_cudagraph_step
         image = pipe(
             prompt_embeds=self.embeddings["prompt_embeds"][index:index + 1].to(self.device, dtype),
             pooled_prompt_embeds=self.embeddings["pooled_prompt_embeds"][index:index + 1].to(self.device, dtype),
             width=item.width, height=item.height, num_inference_steps=item.sample_steps,
-            guidance_scale=item.guidance_scale, generator=torch.Generator("cpu").manual_seed(item.seed),
+            guidance_scale=item.guidance_scale, generator=torch.Generator("cpu").manual_seed(item.seed), **marks,
         ).images[0]
         path = self.folder / f"{step:09d}_{index}.{self.format}"
         kind = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[self.format]
