@@ -25,7 +25,7 @@ import platform
 import torch
 
 from coatflux.bench.configs import CONFIGS, SetupOptions
-from coatflux.bench.model import PRESETS, build_transformer, loss_of, make_batch
+from coatflux.bench.model import PRESETS, build_transformer, make_batch, step_functions
 from coatflux.bench.profile import format_summary, profile_step
 
 
@@ -36,14 +36,11 @@ def profile_config(name: str, args: argparse.Namespace, device: torch.device) ->
     options = SetupOptions(fused_optimizer=device.type == "cuda")
     optimizer = config.setup(model, preset.lora_rank, options)
     data = make_batch(preset, args.resolution, args.batch, device)
-    cudagraphs = config.cudagraphs(options)
+    forward_backward, optimizer_step = step_functions(model, optimizer, data, config.cudagraphs(options))
 
     def step() -> None:
-        if cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        loss_of(model, data).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer_step()
 
     for _ in range(args.warmup):
         step()

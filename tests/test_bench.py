@@ -191,8 +191,8 @@ def test_render_needs_a_markdown_path_and_no_json(tmp_path, capsys):
 def test_cudagraph_configs_mark_every_step(monkeypatch):
     """The ``+cudagraphs`` recipes compile with mode reduce-overhead, and their steps mark a new
     step for inductor's CUDA graph trees; the others do not."""
-    from coatflux.bench.cli import _step_fns
     from coatflux.bench.configs import SetupOptions
+    from coatflux.bench.model import step_functions
 
     assert CONFIGS["coat-compiled+cudagraphs"].cudagraphs(SetupOptions())
     assert CONFIGS["bf16-compiled+cudagraphs"].options().compile_options()["mode"] == "reduce-overhead"
@@ -204,7 +204,7 @@ def test_cudagraph_configs_mark_every_step(monkeypatch):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monkeypatch.setattr("coatflux.bench.model.loss_of", lambda m, data: m(data).square().mean())
     for cudagraphs in (True, False):
-        forward_backward, optimizer_step = _step_fns(model, optimizer, torch.randn(2, 4), cudagraphs)
+        forward_backward, optimizer_step = step_functions(model, optimizer, torch.randn(2, 4), cudagraphs)
         for _ in range(3):
             forward_backward()
             optimizer_step()

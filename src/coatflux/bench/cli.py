@@ -160,24 +160,9 @@ class _Trainee:
             free_memory(self.plan.device)
 
 
-def _step_fns(model, optimizer, data, cudagraphs: bool):
-    from coatflux.bench.model import loss_of
-
-    def forward_backward() -> None:
-        if cudagraphs:  # a new step: the CUDA graphs may reuse the last step's output memory
-            torch.compiler.cudagraph_mark_step_begin()
-        loss_of(model, data).backward()
-
-    def optimizer_step() -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return forward_backward, optimizer_step
-
-
 def _time_cell(trainee: _Trainee, plan: _Plan, row, steps: int, warmup: int) -> None:
     from coatflux.bench.measure import peak_gb, reset_peak, time_steps
-    from coatflux.bench.model import PRESETS, make_batch
+    from coatflux.bench.model import PRESETS, make_batch, step_functions
 
     model, optimizer = trainee.get()
     data = make_batch(PRESETS[plan.args.preset], row.resolution, row.batch, plan.device)
@@ -185,7 +170,7 @@ def _time_cell(trainee: _Trainee, plan: _Plan, row, steps: int, warmup: int) -> 
     def on_first(seconds: float) -> None:
         logger.info("bench: %s at %d px: first step %.1f s", row.config, row.resolution, seconds)
 
-    fns = _step_fns(model, optimizer, data, trainee.cudagraphs)
+    fns = step_functions(model, optimizer, data, trainee.cudagraphs)
     times = time_steps(*fns, plan.device, steps, warmup, plan.deadline, on_first)
     row.step_s, row.optimizer_s, row.steps = times.median(), times.median_optimizer(), len(times.step)
     row.first_step_s = times.first
@@ -323,22 +308,21 @@ def _train_step(trainee: _Trainee, plan: _Plan, res: int, batch: int) -> str | N
     (an interrupted step can leave gradients, optimizer state and allocator blocks behind).
     """
     from coatflux.bench.measure import is_oom
-    from coatflux.bench.model import PRESETS, loss_of, make_batch
+    from coatflux.bench.model import PRESETS, make_batch, step_functions
 
     model, optimizer = trainee.get()
     message = None
     try:
         data = make_batch(PRESETS[plan.args.preset], res, batch, plan.device)
-        if trainee.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        loss_of(model, data).backward()
-        optimizer.step()
+        for part in step_functions(model, optimizer, data, trainee.cudagraphs):  # forward+backward, optimizer
+            part()
     except Exception as exc:
         if not is_oom(exc):
             raise
         message = str(exc).splitlines()[0][:160] if str(exc) else "out of memory"
         del exc
-    optimizer.zero_grad(set_to_none=True)
+    if message is not None:  # the step's optimizer part, which drops the gradients, did not run
+        optimizer.zero_grad(set_to_none=True)
     del model, optimizer
     return message
 

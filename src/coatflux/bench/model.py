@@ -30,6 +30,7 @@ needs, and recomputation is overhead a configuration chooses to pay for memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,25 @@ def loss_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "target"}
     pred = model(**inputs, return_dict=False)[0]
     return F.mse_loss(pred.float(), batch["target"].float())
+
+
+def step_functions(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                   cudagraphs: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One training step of the bench as its two timed parts: forward + backward, then the optimizer
+    step (which drops the gradients). With ``cudagraphs`` (a recipe whose compiled blocks replay as
+    CUDA graphs) each step first tells inductor's graph trees that a new step begins: the graphs
+    may then reuse the memory of the last step's outputs, the gradients dropped before it."""
+
+    def forward_backward() -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss_of(model, batch).backward()
+
+    def optimizer_step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return forward_backward, optimizer_step
 
 
 @dataclass

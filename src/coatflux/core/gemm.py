@@ -11,7 +11,9 @@ specification the fast path is tested against.
 Where both are possible, :class:`GemmPlanner` times them once per shape and keeps the faster
 (FP8 does not pay for small GEMMs). Eagerly it decides per GEMM shape as the GEMM is called; for a
 compiled block, where no GEMM can be timed while the graph is traced, it plans ahead: a
-:data:`RowPlan` per linear says from which row count on FP8 pays (:meth:`GemmPlanner.row_plan`).
+:data:`RowPlan` per linear says from which row count on FP8 pays (:meth:`GemmPlanner.row_plan`),
+timed as CUDA-graph replays (the GPU's work, :func:`graph_replay_time`) and kept on disk for the
+next run (:class:`PlanCache`), since a plan decides which graphs compile.
 
 Why ``_scaled_mm`` rather than a Triton ``tl.dot`` kernel (COAT's choice): cuBLAS handles every
 shape and tile size, needs no autotuning and has no boundary bugs of our own; fusing epilogues
@@ -313,13 +315,14 @@ class GemmPlanner:
         key = (torch.device(device), n, k, dtype)
         if key in self._plans:
             return self._plans[key]
-        cache_key = PlanCache.key(key[0], n, k, dtype) if self._cache is not None else None
-        plan = self._cache.get(cache_key) if self._cache is not None else None
-        source = f"from {self._cache.path}" if plan is not None else "timed"
+        cache_key = PlanCache.key(key[0], n, k, dtype)
+        plan, source = (self._cache.get(cache_key) if self._cache is not None else None), "timed"
         if plan is None:
             plan = self._time_row_plan(key[0], n, k, dtype)
             if self._cache is not None:
                 self._cache.put(cache_key, plan)
+        else:
+            source = f"from {self._cache.path}"
         self._plans[key] = plan
         logger.info("GEMM plan %dx%d (%s, %s): %s", n, k, dtype, source, ", ".join(
             f"{'FP8' if use else dtype} from {rows} rows" for rows, use in plan))
