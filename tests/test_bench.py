@@ -259,3 +259,27 @@ def test_a_finished_cudagraph_config_releases_its_graphs(monkeypatch):
     assert resets == []
     _Trainee("coat-compiled+cudagraphs", plan).finish()
     assert resets == [1]
+
+
+def test_profile_summary_counts_kernels_once_by_category():
+    """Kernel names from an H100 profile (2026-11-27): FlashAttention's name CUTLASS in their template
+    arguments, and the optimizer's user annotation on the GPU timeline spans kernels counted on their own."""
+    from types import SimpleNamespace
+
+    from coatflux.bench.profile import summarize
+
+    def gpu(name, us, annotation=False):
+        return SimpleNamespace(name=name, device_type=torch.autograd.DeviceType.CUDA, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [gpu("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128, 64, "
+                  "128, 8, 2, 4, 2, false, false, cutlass::bfloat16_t>>(pytorch_flash::Flash_bwd_params)", 2000),
+              gpu("nvjet_sm90_qrtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT", 1000),
+              gpu("triton_poi_fused_add_13", 500),
+              gpu("Optimizer.step#FusedFP8AdamW.step", 300, annotation=True),
+              gpu("void at::native::multi_tensor_apply_kernel<TensorListMetadata<2>>(...)", 100)]
+    cpu_op = SimpleNamespace(key="cudaGraphLaunch", self_cpu_time_total=50.0, count=2)
+    prof = SimpleNamespace(events=lambda: events, key_averages=lambda: [cpu_op])
+    summary = summarize("coat", prof, step_ms=4.0, device=torch.device("cuda"), top=5)
+    assert summary["by_category_ms"] == {"attention": 2.0, "gemm": 1.0, "compiled": 0.5, "optimizer": 0.1}
+    assert summary["gpu_busy_ms"] == pytest.approx(3.6) and summary["kernel_launches"] == 4

@@ -86,3 +86,22 @@ def test_bad_arguments():
         quantize(torch.ones(4), "e4m3", "group", 0)
     with pytest.raises(TypeError, match="floating-point"):
         quantize(torch.ones(4, dtype=torch.int32), "e4m3")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_tensor_scale_is_the_correctly_rounded_quotient(fmt, device):
+    """The reference scale is amax / max rounded once, on every device (the compiled quantizer's too).
+
+    The first amax is the one an H100 run found an ulp off when eager CUDA divided by a Python float.
+    """
+    from fractions import Fraction
+
+    from coatflux.core.formats import scale_from_amax
+
+    amax = torch.cat([torch.tensor([1.1742115020751953e-05]), torch.rand(500) * torch.logspace(-30, 30, 500)])
+    scale = scale_from_amax(amax.to(device), get_format(fmt)).cpu()
+    fmt_max = Fraction(get_format(fmt).max)
+    expected = torch.tensor([float(Fraction(a) / fmt_max) for a in amax.tolist()], dtype=torch.float64).float()
+    assert torch.equal(scale, expected)

@@ -92,7 +92,11 @@ def scale_from_amax(amax: torch.Tensor, fmt: FP8Format, pow2: bool = False) -> t
     fp32; :func:`pow2_exponent` gives its int8 exponent for storage.
     """
     amax = amax.float()
-    scale = amax / fmt.max
+    # A divisor tensor on amax's device, not the Python float: eager CUDA divides by a CPU scalar
+    # as a multiplication by its reciprocal, which is an ulp off the quotient for some amax (an
+    # H100 run, torch 2.11, found one). Tensor by tensor it is the correctly rounded quotient on
+    # every device, which the compiled quantizer computes too.
+    scale = amax / torch.full_like(amax, fmt.max)
     if pow2:
         exponent = torch.ceil(torch.log2(scale)).clamp(-127, 127)
         scale = torch.exp2(exponent)

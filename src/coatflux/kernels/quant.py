@@ -184,8 +184,8 @@ def _quantize_tensor(flat: torch.Tensor, fmt_max: torch.Tensor | float,
     amax = _finite_abs(blocks).amax(dim=1).amax()
     # Divided in fp64, then rounded to fp32: that is the correctly rounded fp32 quotient (double
     # rounding is harmless for division, 53 >= 2 * 24 + 2), whatever inductor makes of an fp32
-    # division -- Triton's approximate div.full, or a multiplication by the reciprocal. An fp32
-    # division here gave a scale one ulp off the reference on an H100 (torch 2.11).
+    # division -- Triton's approximate div.full, or a multiplication by the reciprocal. The
+    # reference (formats.scale_from_amax) divides tensor by tensor, correctly rounded on any device.
     scale = (amax.double() / fmt_max).float()
     scale = torch.where((amax > 0) & (scale > 0), scale, torch.ones_like(scale))  # as scale_from_amax
     codes = _saturate(flat.float() / scale, fmt).to(fmt.dtype)
