@@ -113,8 +113,11 @@ def measure(args: argparse.Namespace, backend: str, ref: list[torch.Tensor], flo
 
     with tempfile.TemporaryDirectory() as tmp:
         save = Path(tmp) / "result.pt"
-        done = subprocess.run(_child_args(args, backend, save), capture_output=True, text=True,
-                              timeout=args.child_timeout)
+        try:
+            done = subprocess.run(_child_args(args, backend, save), capture_output=True, text=True,
+                                  timeout=args.child_timeout)
+        except subprocess.TimeoutExpired:
+            return {"backend": backend, "error": f"no result within {args.child_timeout:g} s"}
         if done.returncode != 0:
             last = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["(no message)"]
             return {"backend": backend, "error": f"exit status {done.returncode}: {last[0][:300]}"}
