@@ -24,6 +24,13 @@ instead. The counts are of the code inductor writes for a CPU device: its heuris
 device's properties (2 "SMs" here), so a GPU's split reductions may add a few kernels. Not a
 time: a launch count.
 
+It also sums inductor's own estimate of the bytes each scheduled node reads and writes
+(``get_read_write_buffers_sizes``, the model its scheduler ranks fusions with), for its generated
+kernels and for the extern calls apart. On an H100 at 1024 px (2026-11-27) the compiled step was
+GPU-bound with CUDA graphs and inductor's kernels took 105 ms of it: their bytes over the card's
+memory bandwidth bound that time from below, and the difference between the recipes' bytes is
+what COAT's quantization and compression cost in memory traffic.
+
     pip install triton
     python benchmarks/kernel_launches.py [--resolution 512] [--recipes bf16-compiled coat-compiled]
                                          [--plain-below 2048]
@@ -63,11 +70,27 @@ def _generate_only() -> list[str]:
 
     def keep(self: inductor_graph.GraphLowering) -> tuple:
         out = codegen(self)
-        codes.append(getattr(out[0], "value", str(out[0])))
+        codes.append(getattr(out[0], "value", str(out[0])) + _bytes_comment(self))
         return out
 
     inductor_graph.GraphLowering.codegen = keep
     return codes
+
+
+def _bytes_comment(graph: object) -> str:
+    """Inductor's own estimate of the bytes each scheduled node reads and writes (its bandwidth model,
+    at the compile-time sizes), summed for the generated kernels and for the extern calls, as a
+    trailing comment of the graph's code: ``# bytes: <kernels> <extern>``."""
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
+
+    kernels = extern = 0
+    for node in graph.scheduler.nodes:
+        size = node.get_read_write_buffers_sizes()
+        if isinstance(node, ExternKernelSchedulerNode):
+            extern += size
+        else:
+            kernels += size
+    return f"\n# bytes: {kernels} {extern}\n"
 
 
 def _backend(codes: list[str], options: dict) -> Callable:
@@ -125,6 +148,11 @@ def _count(code: str) -> tuple[int, int]:
     return launches, extern
 
 
+def _bytes(code: str) -> tuple[int, int]:
+    kernels, extern = re.findall(r"^# bytes: (\d+) (\d+)$", code, re.M)[-1]
+    return int(kernels), int(extern)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=512)
@@ -159,6 +187,12 @@ def main() -> None:
         print(f"{recipe:14s} double block: {df} + {db} Triton launches (forward + backward), {dfx} + {dbx} extern; "
               f"single block: {sf} + {sb}, {sfx} + {sbx} extern; per step ({doubles} + {singles} blocks): "
               f"{step} Triton launches, {step_extern} extern calls")
+        moved = [_bytes(code) for code in generated]
+        per_block = [doubles if i < 2 else singles for i in range(4)]
+        kernel_gb = sum(n * k for n, (k, _) in zip(per_block, moved, strict=True)) / 1e9
+        extern_gb = sum(n * e for n, (_, e) in zip(per_block, moved, strict=True)) / 1e9
+        print(f"{recipe:14s} bytes read + written per step by inductor's estimate: {kernel_gb:.1f} GB in its "
+              f"generated kernels, {extern_gb:.1f} GB in extern calls (GEMMs, attention)")
 
 
 if __name__ == "__main__":

@@ -78,14 +78,19 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     and each micro-batch's generator is seeded by its global index), and each micro-batch is its
     own forward, so COAT's per-tensor FP8 scales are the same too. What differs is the order of
     the gradient sum: ``(g0 + g1) / 2`` after the all-reduce against ``g0 / 2 + g1 / 2``, a last-bit
-    difference. Adam divides by ``sqrt(v)``, so for weights whose gradient is near ``eps`` that
-    bit can move an update by up to ``lr``; hence the bound per weight is a fraction of ``lr`` per
-    step, and the mean bound is much tighter. A wrong split (both ranks on the same batch, or a
-    micro-batch dropped) moves weights by about ``lr`` per step on average and fails both bounds.
+    difference, which two amplifiers can grow. AdamW's ``g / (sqrt(v) + eps)`` is steep for a
+    gradient near zero: with its usual ``eps`` one weight moved 1.5 ``lr`` apart in a CI run
+    (2026-11-27; how much depends on the latents, whose draws are seeded by the dataset's path),
+    so this test takes ``eps = 1e-3``, where the update is about linear in small gradients. And
+    COAT's FP8 rounding is a step function: a last bit in a weight can move an activation across a
+    rounding boundary, one FP8 step. Measured over ten runs here: at most 2.5e-6 (0.0025 ``lr``)
+    apart, 2.7e-8 on average. A wrong split (both ranks on the same batch, or a micro-batch
+    dropped) moves them 1.9e-3 apart at most and 5.6e-5 on average (measured with one micro-batch
+    per step instead of two): the bounds sit between, about 40x from each.
     """
     steps, lr = 4, 1e-3
-    train = {"steps": steps, "lr": lr, "optimizer": "adamw", "dtype": "float32", "gradient_checkpointing": False,
-             "disable_sampling": True, "batch_size": 1}
+    train = {"steps": steps, "lr": lr, "optimizer": "adamw", "optimizer_params": {"eps": 1e-3}, "dtype": "float32",
+             "gradient_checkpointing": False, "disable_sampling": True, "batch_size": 1}
     single = run_job(tmp_path, job_dict(tiny_flux_dir, tmp_path / "one", train={**train, "gradient_accumulation": 2}))
     job = job_dict(tiny_flux_dir, tmp_path / "one", train={**train, "gradient_accumulation": 1})
     job["config"]["name"] = "ddp"
@@ -102,8 +107,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     b, _ = read_lora(single.output_dir.parent / "ddp" / "ddp.safetensors")
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     moved = torch.cat([a[k].abs().flatten() for k in a if k.endswith("lora_B.weight")])
-    assert moved.mean() > 0.5 * lr  # the LoRA did train (B starts at zero)
-    assert diff.max() <= 0.25 * lr * steps and diff.mean() <= 0.01 * lr, (diff.max(), diff.mean())
+    assert moved.mean() > 0.1 * lr  # the LoRA did train (B starts at zero)
+    assert diff.max() <= 0.1 * lr and diff.mean() <= 1e-3 * lr, (diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("world", [1])
