@@ -17,7 +17,7 @@
 # * That run measured bf16 and the +cudagraphs rows only; the bench here measures the table the
 #   issue asks for on the current code, at 1024 px, 10 steps: bf16, bf16 with checkpointing,
 #   compiled COAT with CUDA graphs, compiled torchao float8, and compiled bf16 with CUDA graphs
-#   (profiled, to set its Triton time beside COAT's). First compilations on a fresh machine:
+#   (the two +cudagraphs rows profiled, kernel categories corrected). First compilations on a fresh machine:
 #   ~150 s for COAT, ~60 s torchao, ~40 s bf16.
 # * test_kernels_quant.py's failure was the reference's (eager CUDA divides by a Python float as a
 #   multiplication by its reciprocal, an ulp off); the fix runs here with 110 s (cold caches took
@@ -59,7 +59,7 @@ echo "attention exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/attention.log"
 TORCH_LOGS=recompiles timeout 340 python3 -m coatflux.bench --preset flux-dev --resolutions 1024 \
   --steps 10 --warmup 2 --order config \
   --configs bf16 bf16+ckpt coat-compiled+cudagraphs torchao-compiled bf16-compiled+cudagraphs \
-  --profile bf16-compiled+cudagraphs --no-max-batch-search --budget-s 320 \
+  --profile coat-compiled+cudagraphs bf16-compiled+cudagraphs --no-max-batch-search --budget-s 320 \
   --json "$OUT/bench.json" --markdown "$OUT/benchmarks.md" 2>&1 \
   | grep -v "should be kept in float32" | tee "$OUT/bench.log"
 echo "bench exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
