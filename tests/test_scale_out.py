@@ -80,7 +80,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     the gradient sum: ``(g0 + g1) / 2`` after the all-reduce against ``g0 / 2 + g1 / 2``, a last-bit
     difference, which two amplifiers can grow. AdamW's ``g / (sqrt(v) + eps)`` is steep for a
     gradient near zero: with its usual ``eps`` one weight moved 1.5 ``lr`` apart in a CI run
-    (2026-11-27; how much depends on the latents, whose draws are seeded by the dataset's path),
+    (2026-11-27; how much depends on the latents, whose draws are seeded by a cache key that names
+    the model's folder, a new temporary one per test session),
     so this test takes ``eps = 1e-3``, where the update is about linear in small gradients. And
     COAT's FP8 rounding is a step function: a last bit in a weight can move an activation across a
     rounding boundary, one FP8 step. Measured over ten runs here: at most 2.5e-6 (0.0025 ``lr``)
