@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from coatflux.atomic import atomic_write
+from coatflux.core.gemm import cuda_event_time
 
 BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -63,20 +64,15 @@ def _forward_backward(q, k, v, grad) -> tuple[torch.Tensor, ...]:
 
 
 def _median_ms(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: kernel selection, workspaces
+    """Median milliseconds of ``fn`` after one warm-up call (kernel selection, workspaces)."""
+    if device.type == "cuda":
+        return cuda_event_time(fn, device, repeats)
+    fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1000.0)
+        begin = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - begin) * 1000.0)
     return statistics.median(times)
 
 
