@@ -33,7 +33,10 @@ what COAT's quantization and compression cost in memory traffic.
 
     pip install triton
     python benchmarks/kernel_launches.py [--resolution 512] [--recipes bf16-compiled coat-compiled]
-                                         [--plain-below 2048]
+                                         [--plain-below 2048] [--top 20]
+
+``--top N`` lists, per graph, the N scheduled nodes (a generated kernel or an extern call) that move
+the most bytes, with the aten ops each was made from: where a recipe's extra bytes come from.
 """
 
 from __future__ import annotations
@@ -79,18 +82,32 @@ def _generate_only() -> list[str]:
 
 def _bytes_comment(graph: object) -> str:
     """Inductor's own estimate of the bytes each scheduled node reads and writes (its bandwidth model,
-    at the compile-time sizes), summed for the generated kernels and for the extern calls, as a
-    trailing comment of the graph's code: ``# bytes: <kernels> <extern>``."""
+    at the compile-time sizes), as trailing comments of the graph's code: one
+    ``# node: <bytes> <kernel|extern> <aten ops it was made from>`` line per scheduled node, then
+    the sums for the generated kernels and for the extern calls, ``# bytes: <kernels> <extern>``."""
     from torch._inductor.scheduler import ExternKernelSchedulerNode
 
     kernels = extern = 0
+    lines = []
     for node in graph.scheduler.nodes:
         size = node.get_read_write_buffers_sizes()
-        if isinstance(node, ExternKernelSchedulerNode):
+        is_extern = isinstance(node, ExternKernelSchedulerNode)
+        if is_extern:
             extern += size
         else:
             kernels += size
-    return f"\n# bytes: {kernels} {extern}\n"
+        lines.append(f"# node: {size} {'extern' if is_extern else 'kernel'} {' '.join(_origins(node))}")
+    return "\n" + "\n".join(lines) + f"\n# bytes: {kernels} {extern}\n"
+
+
+def _origins(node: object) -> list[str]:
+    """The aten ops a scheduled (possibly fused) node was made from, without overload names."""
+    ops = set()
+    for part in node.get_nodes():
+        for origin in getattr(getattr(part, "node", None), "origins", ()):
+            if origin.op == "call_function":
+                ops.add(str(origin.target).removeprefix("aten.").removeprefix("prims.").split(".")[0])
+    return sorted(ops)
 
 
 def _backend(codes: list[str], options: dict) -> Callable:
@@ -153,12 +170,21 @@ def _bytes(code: str) -> tuple[int, int]:
     return int(kernels), int(extern)
 
 
+def _top_nodes(code: str, count: int) -> list[str]:
+    """The ``count`` scheduled nodes of a graph that move the most bytes, as printable lines."""
+    nodes = [(int(size), kind, ops) for size, kind, ops in re.findall(r"^# node: (\d+) (\w+) ?(.*)$", code, re.M)]
+    nodes.sort(key=lambda node: -node[0])
+    return [f"  {size / 1e6:8.1f} MB  {kind:6s}  {ops}" for size, kind, ops in nodes[:count]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=RECIPES)
     parser.add_argument("--plain-below", type=int, default=None,
                         help="coat-compiled: every FP8 linear multiplies plainly below this many rows")
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="also list each graph's N scheduled nodes that move the most bytes, with their aten ops")
     args = parser.parse_args()
     if importlib.util.find_spec("triton") is None:
         sys.exit("kernel_launches: needs Triton to generate inductor's GPU code (pip install triton)")
@@ -193,6 +219,11 @@ def main() -> None:
         extern_gb = sum(n * e for n, (_, e) in zip(per_block, moved, strict=True)) / 1e9
         print(f"{recipe:14s} bytes read + written per step by inductor's estimate: {kernel_gb:.1f} GB in its "
               f"generated kernels, {extern_gb:.1f} GB in extern calls (GEMMs, attention)")
+        for name, code in zip(("double forward", "double backward", "single forward", "single backward"),
+                              generated, strict=True):
+            if args.top:
+                print(f"{recipe} {name}, the {args.top} nodes that move the most bytes:")
+                print("\n".join(_top_nodes(code, args.top)))
 
 
 if __name__ == "__main__":

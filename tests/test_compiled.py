@@ -182,7 +182,7 @@ def _traced_against_eager(trainable: bool, scaled_mm: bool, backend: str, device
     def run(fn):
         y = fn(x, a, b, 0.5)
         y.float().square().sum().backward()
-        params = [x, a, b] + ([layer.weight] if trainable else [])
+        params = [x, a, b] + ([layer.weight, layer.bias] if trainable else [])  # bias: in the GEMM epilogue
         grads = [p.grad.clone() for p in params]
         for p in params:
             p.grad = None
@@ -225,11 +225,11 @@ def test_compiled_linear_multiplies_plainly_below_its_planned_rows():
         assert torch.equal(y, expected[rows][0]) and torch.equal(grad, expected[rows][1])
         graphs.append(counter.frame_count)
     assert graphs[0] == graphs[1]  # the same side of the plan's boundary: no new graph
-    y, grad, saved = run(compiled, 32)  # plain: x @ W^T + b and g @ W with the upcast weight
+    y, grad, saved = run(compiled, 32)  # plain: x @ W^T + b (one GEMM) and g @ W with the upcast weight
     torch.manual_seed(32)
     x = torch.randn(32, 64, dtype=torch.bfloat16)
     w = layer.weight  # the upcast FP8 weight
-    assert torch.equal(y, x @ w.t() + layer.bias) and torch.equal(grad, torch.ones(32, 48, dtype=torch.bfloat16) @ w)
+    assert torch.equal(y, F.linear(x, w, layer.bias)) and torch.equal(grad, torch.ones(32, 48, dtype=torch.bfloat16) @ w)
     assert counter.frame_count == graphs[1] + 1  # the plan's boundary compiled the layer once more
     assert not any(t.dtype == torch.bfloat16 and t.shape == (48, 64) for t in saved)  # no bf16 weight kept
     assert any(t.dtype == torch.float8_e4m3fn and t.shape == (48, 64) for t in saved)

@@ -108,15 +108,37 @@ def test_emulated_gemm_equals_reference_exactly():
     assert torch.equal(out, fp8_mm_reference(a.data, a.scale, b.data, b.scale, torch.float32))
 
 
+@pytest.mark.parametrize("use_scaled_mm", [False, True])  # torch._scaled_mm runs on CPU too
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_mm_adds_the_bias_before_its_one_rounding(use_scaled_mm, out_dtype):
+    """The bias goes into the GEMM's epilogue: added to the fp32 product, then rounded once (an fp32
+    output, which ``_scaled_mm`` takes no bias for, gets it added after: the same numbers)."""
+    torch.manual_seed(1)
+    a = quantize(torch.randn(33, 64), E4M3, "tensor")
+    b = quantize(torch.randn(48, 64), E4M3, "tensor")
+    bias = torch.randn(48, dtype=torch.bfloat16) * 4
+    out = fp8_mm(a.data, a.scale, b.data, b.scale, out_dtype, use_scaled_mm, bias)
+    ref = fp8_mm_reference(a.data, a.scale, b.data, b.scale, out_dtype, bias)
+    assert out.dtype == out_dtype
+    if use_scaled_mm:
+        assert sqnr_db(ref.float(), out.float()) > 40
+    else:
+        assert torch.equal(out, ref)
+    if out_dtype == torch.bfloat16:  # rounding the product first, then the sum, is another result
+        twice = fp8_mm_reference(a.data, a.scale, b.data, b.scale, out_dtype) + bias
+        assert not torch.equal(twice, ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
-@pytest.mark.parametrize("fmt_a", [E4M3, E5M2])
-def test_scaled_mm_matches_reference_on_gpu(fmt_a):
+@pytest.mark.parametrize(("fmt_a", "with_bias"), [(E4M3, False), (E5M2, False), (E4M3, True)])
+def test_scaled_mm_matches_reference_on_gpu(fmt_a, with_bias):
     torch.manual_seed(0)
     a = quantize(torch.randn(1000, 256, device="cuda"), fmt_a, "tensor")
     b = quantize(torch.randn(512, 256, device="cuda"), E4M3, "tensor")
-    fast = fp8_mm(a.data, a.scale, b.data, b.scale, torch.bfloat16, use_scaled_mm=True)
-    ref = fp8_mm_reference(a.data, a.scale, b.data, b.scale, torch.float32)
+    bias = torch.randn(512, device="cuda", dtype=torch.bfloat16) if with_bias else None
+    fast = fp8_mm(a.data, a.scale, b.data, b.scale, torch.bfloat16, True, bias)
+    ref = fp8_mm_reference(a.data, a.scale, b.data, b.scale, torch.float32, bias)
     assert sqnr_db(ref, fast.float()) > 40
 
 

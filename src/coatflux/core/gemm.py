@@ -16,8 +16,9 @@ timed as CUDA-graph replays (the GPU's work, :func:`graph_replay_time`) and kept
 next run (:class:`PlanCache`), since a plan decides which graphs compile.
 
 Why ``_scaled_mm`` rather than a Triton ``tl.dot`` kernel (COAT's choice): cuBLAS handles every
-shape and tile size, needs no autotuning and has no boundary bugs of our own; fusing epilogues
-(bias, output quantization) is left to the kernels that need it.
+shape and tile size, needs no autotuning and has no boundary bugs of our own. Its epilogue
+adds the bias (see :func:`fp8_mm`); other fusions (output quantization) are left to the kernels
+that need them.
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ def shape_supported(m: int, n: int, k: int) -> bool:
 
 
 def fp8_mm_reference(
-    a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
+    a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain-PyTorch specification: dequantize to fp32, multiply, cast."""
-    return ((a.float() * scale_a) @ (b.float() * scale_b).t()).to(out_dtype)
+    """Plain-PyTorch specification: dequantize to fp32, multiply, add the bias in fp32, cast once."""
+    out = (a.float() * scale_a) @ (b.float() * scale_b).t()
+    return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
 def fp8_mm(
@@ -87,16 +90,30 @@ def fp8_mm(
     scale_b: torch.Tensor,
     out_dtype: torch.dtype,
     use_scaled_mm: bool,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(a * scale_a) @ (b * scale_b).T`` with FP8 ``a`` (M x K) and ``b`` (N x K)."""
+    """``(a * scale_a) @ (b * scale_b).T + bias`` with FP8 ``a`` (M x K), ``b`` (N x K) and an optional
+    ``bias`` (N).
+
+    The bias is added in the GEMM's epilogue (cuBLASLt adds it to the fp32 result before the one
+    rounding to ``out_dtype``), not by a kernel of its own: an add after the GEMM reads and writes
+    the whole M x N output once more. In FLUX.1-dev's compiled blocks those adds were about half
+    of the bytes COAT's forward kernels moved beyond bf16's (whose cuBLAS ``addmm`` adds the bias
+    itself), 9.0 of 101.5 GB per step at 512 px (``benchmarks/kernel_launches.py``).
+    ``torch._scaled_mm`` takes a bias only for a half-precision output; an fp32 output gets it
+    added after.
+    """
+    fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
     if use_scaled_mm:
         # _scaled_mm wants the second operand column-major: b is N x K row-major, so b.t() is.
-        return torch._scaled_mm(
+        out = torch._scaled_mm(
             a.contiguous(), b.contiguous().t(), scale_a=scale_a.float(), scale_b=scale_b.float(),
-            out_dtype=out_dtype,
+            bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
         )
+        return out if bias is None or fused_bias else out + bias.to(out_dtype)
     compute = out_dtype if a.is_cuda else torch.float32
-    return ((a.to(compute) * scale_a.to(compute)) @ (b.to(compute) * scale_b.to(compute)).t()).to(out_dtype)
+    out = (a.to(compute) * scale_a.to(compute)) @ (b.to(compute) * scale_b.to(compute)).t()
+    return (out if bias is None else out + bias.to(compute)).to(out_dtype)
 
 
 Timer = Callable[[Callable[[], object], torch.device], float]

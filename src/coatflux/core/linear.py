@@ -45,6 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -100,11 +101,9 @@ class _FP8LinearFunction(torch.autograd.Function):
         m = x2.shape[0]
         if xq.granularity == "tensor":
             use = layer.gemm_uses_fp8(x.device, m, layer.out_features, layer.in_features)
-            y = fp8_mm(xq.data.reshape(m, -1), xq.scale, w_codes, w_scale, x.dtype, use)
+            y = fp8_mm(xq.data.reshape(m, -1), xq.scale, w_codes, w_scale, x.dtype, use, bias)
         else:
-            y = dequantize(xq).reshape(m, -1) @ (w_codes.to(x.dtype) * w_scale.to(x.dtype)).t()
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+            y = F.linear(dequantize(xq).reshape(m, -1), _upcast(w_codes, w_scale, x.dtype), _cast(bias, x.dtype))
         h = a = b = None
         if lora_A is not None:
             # cast once: backward multiplies with these same copies and casts its gradients back
@@ -161,15 +160,15 @@ class _FP8LinearFunction(torch.autograd.Function):
 class _TracedFP8Function(torch.autograd.Function):
     """The FP8 base GEMM of :class:`FP8Linear` for a compiled block: tensors and constants only.
 
-    Forward quantizes the input (and a trainable weight) per tensor and multiplies in FP8;
-    backward quantizes the gradient to E5M2 for the input-gradient GEMM and, for a trainable
-    weight, the weight-gradient GEMM. The LoRA branch and the bias are ordinary autograd ops
-    around it (the compiler sees through them).
+    Forward quantizes the input (and a trainable weight) per tensor and multiplies in FP8, the bias
+    added in the GEMM's epilogue; backward quantizes the gradient to E5M2 for the input-gradient
+    GEMM and, for a trainable weight, the weight-gradient GEMM. The LoRA branch is ordinary
+    autograd ops around it (the compiler sees through them).
     """
 
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, weight: torch.Tensor | None, w_codes: torch.Tensor | None,
-                w_scale: torch.Tensor | None, fp8: bool) -> torch.Tensor:
+                w_scale: torch.Tensor | None, bias: torch.Tensor | None, fp8: bool) -> torch.Tensor:
         xq, x_scale = tensor_scale_ops(x2, E4M3)
         ctx.fp8, ctx.weight_dtype = fp8, None if weight is None else weight.dtype
         if weight is None:
@@ -177,8 +176,9 @@ class _TracedFP8Function(torch.autograd.Function):
         else:  # trainable: quantized here, and the FP8 input kept for the weight gradient
             w_codes, w_scale = tensor_scale_ops(weight.detach(), E4M3)
             ctx.save_for_backward(w_codes, w_scale, xq, x_scale)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         m, n, k = x2.shape[0], w_codes.shape[0], x2.shape[1]
-        return fp8_mm(xq, x_scale, w_codes, w_scale, x2.dtype, fp8 and shape_supported(m, n, k))
+        return fp8_mm(xq, x_scale, w_codes, w_scale, x2.dtype, fp8 and shape_supported(m, n, k), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -193,11 +193,11 @@ class _TracedFP8Function(torch.autograd.Function):
             xq, x_scale = ctx.saved_tensors[2:]
             grad_w = fp8_mm(gq.t().contiguous(), g_scale, xq.t().contiguous(), x_scale, ctx.weight_dtype,
                             ctx.fp8 and shape_supported(n, k, m))
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, _bias_grad(ctx, grad, 4), None
 
 
 class _TracedUpcastFunction(torch.autograd.Function):
-    """``x2 @ (w_codes * w_scale).T`` in the input's dtype, keeping only the FP8 weight for backward.
+    """``x2 @ (w_codes * w_scale).T + bias`` in the input's dtype, keeping only the FP8 weight for backward.
 
     A compiled block's linear where its row plan says FP8 does not pay. The upcast weight is made
     again for the input gradient rather than kept (it would bring back the bf16 weights): the
@@ -207,19 +207,32 @@ class _TracedUpcastFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x2: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x2: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(w_codes, w_scale)
-        return x2 @ _upcast(w_codes, w_scale, x2.dtype).t()
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x2, _upcast(w_codes, w_scale, x2.dtype), _cast(bias, x2.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         w_codes, w_scale = ctx.saved_tensors
         grad_x = grad @ _upcast(w_codes, w_scale, grad.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+        return grad_x, None, None, _bias_grad(ctx, grad, 3)
 
 
 def _upcast(w_codes: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w_codes.to(dtype) * w_scale.to(dtype)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _bias_grad(ctx: Any, grad: torch.Tensor, index: int) -> torch.Tensor | None:
+    """The bias gradient of a traced function whose bias is argument ``index``, if it needs one."""
+    if ctx.bias_dtype is None or not ctx.needs_input_grad[index]:
+        return None
+    return grad.sum(0).to(ctx.bias_dtype)
 
 
 def _saved_input_fp8(ctx: Any, x_saved: torch.Tensor, x_scale: torch.Tensor | None) -> QuantizedTensor:
@@ -350,12 +363,11 @@ class FP8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         weight = self._parameters.get("weight")
         if self._plain_in_graph(x2.shape[0]):
-            y = (_TracedUpcastFunction.apply(x2, self.weight_fp8, self.weight_scale) if weight is None
-                 else x2 @ weight.to(x.dtype).t())
+            y = (_TracedUpcastFunction.apply(x2, self.weight_fp8, self.weight_scale, self.bias) if weight is None
+                 else F.linear(x2, weight.to(x.dtype), _cast(self.bias, x.dtype)))
         else:
-            y = _TracedFP8Function.apply(x2, weight, self.weight_fp8, self.weight_scale, self.fp8_gemm_in_graph)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y = _TracedFP8Function.apply(x2, weight, self.weight_fp8, self.weight_scale, self.bias,
+                                         self.fp8_gemm_in_graph)
         if lora_A is not None:
             h = x2 @ lora_A.to(x.dtype).t()
             y = torch.addmm(y, h, lora_B.to(x.dtype).t(), alpha=lora_scale)
