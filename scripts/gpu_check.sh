@@ -4,8 +4,10 @@
 #
 # Run from the repository root on a CUDA box whose python3 has torch (+CUDA, Triton), transformers, peft,
 # safetensors and huggingface_hub but not diffusers: the wheels listed in scripts/gpu_wheels.txt
-# travel in .whl/ (device call: carry [".whl"], timeout_s 575). Files land in $OUT (default
-# /tmp/coatflux_out): env.txt, attention.{log,json}, bench.{log,json}, benchmarks.md, gpu_tests.log.
+# travel in .whl/ (device call: carry [".whl", ".cache"], timeout_s 575). Files land in $OUT (default
+# /tmp/coatflux_out): env.txt, attention.{log,json}, bench.{log,json}, benchmarks.md, gpu_tests.log,
+# and compile-cache.bin: the graphs the bench compiled (coatflux.core.compile_cache), to be put in
+# .cache/ (ignored, carried) so that the next run on the same torch and GPU kind starts warm.
 #
 # What the last run (H100, 2026-11-27 01:14, docs/runs/h100-2026-11-27-0114.md) taught, and what
 # this one does:
@@ -28,6 +30,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
 OUT=${OUT:-/tmp/coatflux_out}
 mkdir -p "$OUT"
+CACHE=.cache/compile-cache.bin  # read and rewritten by the main bench; the stages below read a copy
+mkdir -p .cache
+cp -f "$CACHE" /tmp/stage-cache.bin 2>/dev/null || true
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 {
@@ -47,6 +52,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "${1:-}" = "cudnn" ]; then
   timeout 225 python3 -m coatflux.bench --preset flux-dev --resolutions 1024 --steps 10 --warmup 2 --order config \
     --configs bf16 coat-compiled+cudagraphs --allow-cudnn-attention --no-max-batch-search --budget-s 210 \
+    --compile-cache /tmp/stage-cache.bin \
     --json "$OUT/bench_cudnn.json" --markdown "$OUT/benchmarks_cudnn.md" 2>&1 \
     | grep -v "should be kept in float32" | tee "$OUT/bench_cudnn.log"
   echo "bench exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_cudnn.log"
@@ -56,6 +62,7 @@ fi
 if [ "${1:-}" = "512" ]; then
   timeout 220 python3 -m coatflux.bench --preset flux-dev --resolutions 512 --steps 10 --warmup 2 --order config \
     --configs bf16 coat-compiled+cudagraphs bf16-compiled+cudagraphs --no-max-batch-search --budget-s 200 \
+    --compile-cache /tmp/stage-cache.bin \
     --json "$OUT/bench512.json" --markdown "$OUT/benchmarks512.md" 2>&1 \
     | grep -v "should be kept in float32" | tee "$OUT/bench512.log"
   echo "bench exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/bench512.log"
@@ -73,9 +80,15 @@ TORCH_LOGS=recompiles timeout 340 python3 -m coatflux.bench --preset flux-dev --
   --steps 10 --warmup 2 --order config \
   --configs bf16 bf16+ckpt coat-compiled+cudagraphs torchao-compiled bf16-compiled+cudagraphs \
   --profile coat-compiled+cudagraphs bf16-compiled+cudagraphs --no-max-batch-search --budget-s 320 \
-  --json "$OUT/bench.json" --markdown "$OUT/benchmarks.md" 2>&1 \
+  --compile-cache "$CACHE" --json "$OUT/bench.json" --markdown "$OUT/benchmarks.md" 2>&1 \
   | grep -v "should be kept in float32" | tee "$OUT/bench.log"
 echo "bench exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
+# Files over 16 MiB do not come back from the device machine: say so rather than lose it silently.
+if [ -f "$CACHE" ] && [ "$(stat -c %s "$CACHE")" -le $((16 * 1024 * 1024)) ]; then
+  cp "$CACHE" "$OUT/compile-cache.bin"
+else
+  echo "compile cache not returned: $(stat -c %s "$CACHE" 2>/dev/null || echo no) bytes" | tee -a "$OUT/bench.log"
+fi
 
 # GPU tests, one file at a time so that a slow one cannot hide another's result; -rfE keeps each
 # failure's message in the log.

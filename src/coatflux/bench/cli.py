@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="total time budget in seconds; remaining work is skipped and the rows say so")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--compile-cache", metavar="FILE", default=None,
+                        help="load compiled graphs from FILE before the run (if it exists) and write this run's "
+                             "into it at the end, replacing it: a warm start on a machine with an empty "
+                             "cache (coatflux.core.compile_cache)")
     parser.add_argument("--allow-cudnn-attention", action="store_true",
                         help="keep PyTorch's cuDNN scaled-dot-product-attention backend (off by default: its "
                              "backward failed on an H200 with torch 2.11 + CUDA 13, then corrupted the context)")
@@ -430,6 +434,7 @@ def _run(args: argparse.Namespace) -> int:
         table,
         write_outputs,
     )
+    from coatflux.core.compile_cache import load_compile_cache, save_compile_cache
     from coatflux.flux.attention import attention_backends
 
     start = time.monotonic()
@@ -444,6 +449,11 @@ def _run(args: argparse.Namespace) -> int:
     flops = {res: count_step_flops(preset, res) for res in resolutions}
     logger.info("bench: %s on %s; rates %s", preset.name, report.environment["card"], report.rates)
     free_memory(device)
+
+    cache = getattr(args, "compile_cache", None)
+    if cache:
+        report.notes.append(load_compile_cache(cache))
+        print(f"bench: {report.notes[-1]}", flush=True)
 
     def save_partial() -> None:  # a run killed from outside still leaves what it measured
         report.derive(flops)
@@ -472,6 +482,19 @@ def _run(args: argparse.Namespace) -> int:
     if skipped:
         report.notes.append(f"{skipped} cells were not measured (see their rows), budget {args.budget_s} s")
     report.notes.append(f"whole run took {time.monotonic() - start:.0f} s")
+    if cache:
+        _note_cache(report.notes, save_compile_cache(cache))
     print(table(report.rows))
     write_outputs(report, flops, args.json_path, args.markdown_path)
     return 0
+
+
+def _note_cache(notes: list[str], saved: str) -> None:
+    """Keep one line on the compile cache's use so far (replacing the last one): graphs it served,
+    graphs compiled, and what was saved."""
+    from coatflux.core.compile_cache import compile_cache_counts
+
+    hits, misses = compile_cache_counts()
+    prefix = "inductor graphs"
+    notes[:] = [n for n in notes if not n.startswith(prefix)]
+    notes.append(f"{prefix}: {hits} found in the cache, {misses} compiled; {saved}")
