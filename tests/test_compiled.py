@@ -545,7 +545,7 @@ def test_coat_blocks_get_coat_inductor_options_under_their_own():
 
     assert coat_compile_options({"dynamic": True}) == {"dynamic": True, "options": dict(COAT_INDUCTOR_OPTIONS)}
     mine = coat_compile_options({"backend": "inductor", "options": {"realize_opcount_threshold": 10, "max_autotune": True}})
-    assert mine["options"] == {"realize_opcount_threshold": 10, "max_autotune": True}
+    assert mine["options"] == {**COAT_INDUCTOR_OPTIONS, "realize_opcount_threshold": 10, "max_autotune": True}
     assert coat_compile_options({"backend": "aot_eager"}) == {"backend": "aot_eager"}
 
 

@@ -359,8 +359,14 @@ COAT_RECOMPUTE: tuple[Any, ...] = (torch.cat, torch.concat, torch.concatenate)
 #: 75 operations on an int8 exponent, chosen for exactness) crossed it, so each unpack took two
 #: kernels: the scales, then the multiplication. Above the chain's size it is computed where it is
 #: used: 874 fewer kernel launches per FLUX.1-dev step at 512 px, 9,937 to 9,063
-#: (``benchmarks/kernel_launches.py``), with the same values.
-COAT_INDUCTOR_OPTIONS: Mapping[str, Any] = {"realize_opcount_threshold": 128}
+#: (``benchmarks/kernel_launches.py``), with the same values. ``force_pointwise_cat`` has every
+#: concatenation computed element by element where it is read rather than copied into place: FLUX's
+#: single block concatenates the attention output with the GELU output and feeds ``proj_out``,
+#: whose per-tensor scale needs the maximum of each row; as a point-wise expression the GELU, the
+#: concatenation and the row maxima are one kernel, where before the maxima read the whole
+#: concatenation again (512 px, per step: 87.5 to 85.9 GB in inductor's kernels, 7,049 to 6,859
+#: launches).
+COAT_INDUCTOR_OPTIONS: Mapping[str, Any] = {"realize_opcount_threshold": 128, "force_pointwise_cat": True}
 
 
 def coat_compile_options(compile_options: Mapping[str, Any]) -> dict[str, Any]:
