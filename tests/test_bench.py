@@ -266,7 +266,7 @@ def test_profile_summary_counts_kernels_once_by_category():
     arguments, and the optimizer's user annotation on the GPU timeline spans kernels counted on their own."""
     from types import SimpleNamespace
 
-    from coatflux.bench.profile import summarize
+    from coatflux.bench.profile import format_summary, summarize
 
     def gpu(name, us, annotation=False):
         return SimpleNamespace(name=name, device_type=torch.autograd.DeviceType.CUDA, is_user_annotation=annotation,
@@ -278,8 +278,21 @@ def test_profile_summary_counts_kernels_once_by_category():
               gpu("triton_poi_fused_add_13", 500),
               gpu("Optimizer.step#FusedFP8AdamW.step", 300, annotation=True),
               gpu("void at::native::multi_tensor_apply_kernel<TensorListMetadata<2>>(...)", 100)]
+    def cpu(name, *kernels):
+        return SimpleNamespace(name=name, device_type=torch.autograd.DeviceType.CPU,
+                               kernels=[SimpleNamespace(name=k) for k in kernels])
+
+    events += [cpu("aten::copy_", "memcpy128", "memcpy128"), cpu("aten::_foreach_copy_", "memcpy128"),
+               cpu("## Call CompiledFxGraph fabc ##", "triton_poi_fused_add_13", "memcpy128", "memcpy128",
+                   "memcpy128"), gpu("memcpy128", 50), gpu("memcpy128", 40)]
     cpu_op = SimpleNamespace(key="cudaGraphLaunch", self_cpu_time_total=50.0, count=2)
     prof = SimpleNamespace(events=lambda: events, key_averages=lambda: [cpu_op])
     summary = summarize("coat", prof, step_ms=4.0, device=torch.device("cuda"), top=5)
-    assert summary["by_category_ms"] == {"attention": 2.0, "gemm": 1.0, "compiled": 0.5, "optimizer": 0.1}
-    assert summary["gpu_busy_ms"] == pytest.approx(3.6) and summary["kernel_launches"] == 4
+    # who launched each top kernel, most frequent first
+    assert summary["kernel_launchers"]["memcpy128"] == [("## Call CompiledFxGraph fabc ##", 3), ("aten::copy_", 2),
+                                                        ("aten::_foreach_copy_", 1)]
+    assert summary["kernel_launchers"]["triton_poi_fused_add_13"] == [("## Call CompiledFxGraph fabc ##", 1)]
+    assert "from ## Call CompiledFxGraph fabc ## x3, aten::copy_ x2" in format_summary(summary)
+    assert summary["by_category_ms"] == pytest.approx(
+        {"attention": 2.0, "gemm": 1.0, "compiled": 0.5, "optimizer": 0.1, "other": 0.09})
+    assert summary["gpu_busy_ms"] == pytest.approx(3.69) and summary["kernel_launches"] == 6
