@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 from coatflux.atomic import atomic_write
-from coatflux.core.gemm import cuda_event_time
+from coatflux.core.gemm import median_ms
 
 BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -63,19 +62,6 @@ def _forward_backward(q, k, v, grad) -> tuple[torch.Tensor, ...]:
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _median_ms(fn, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of ``fn`` after one warm-up call (kernel selection, workspaces)."""
-    if device.type == "cuda":
-        return cuda_event_time(fn, device, repeats)
-    fn()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - begin) * 1000.0)
-    return statistics.median(times)
-
-
 def run_child(args: argparse.Namespace) -> None:
     """One backend (``--child NAME``): times it and saves its output and gradients to ``--save``."""
     from torch.nn.attention import sdpa_kernel
@@ -83,7 +69,7 @@ def run_child(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     q, k, v, grad = _inputs(args, dtype)
     with sdpa_kernel([_sdpa_backend(args.child)]):
-        ms = _median_ms(lambda: _forward_backward(q, k, v, grad), torch.device(args.device), args.repeats)
+        ms = median_ms(lambda: _forward_backward(q, k, v, grad), torch.device(args.device), args.repeats)
         results = _forward_backward(q, k, v, grad)
     torch.save({"ms": ms, "tensors": [t.float().cpu() for t in results]}, args.save)
 

@@ -5,7 +5,7 @@ affine and modulation as separate ops, and ``formats.quantize_reference`` of the
 backward: ``dequantize_reference`` plus the written-out formula) against the compiled kernels of
 :mod:`coatflux.kernels.nonlinear`, on one FLUX.1-dev-sized activation (default 4608 tokens x 3072,
 bf16; GELU on the 4x wider MLP hidden). On CUDA each figure is the median of CUDA-event timings
-(:func:`coatflux.core.gemm.cuda_event_time`); on CPU the median of ``perf_counter`` timings of a
+(:func:`coatflux.core.gemm.median_ms`); on CPU the median of ``perf_counter`` timings of a
 smaller default tensor. Compilation is timed separately (first call). Prints device, torch
 version, date and a table; ``--json PATH`` also writes the figures.
 
@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
@@ -26,25 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from coatflux.core.formats import E4M3, dequantize_reference, quantize_reference
-from coatflux.core.gemm import cuda_event_time
+from coatflux.core.gemm import median_ms
 from coatflux.kernels import nonlinear as kn
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    if device.type == "cuda":
-        return cuda_event_time(fn, device, repeats, warmup=3)
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _first_call_s(fn: Callable[[], object], device: torch.device) -> float:
@@ -123,8 +110,8 @@ def run(tokens: int, dim: int, repeats: int, device: torch.device) -> list[dict]
     results = []
     for name, (ref_fn, fast_fn) in cases.items():
         first_s = compile_s.get(name) or _first_call_s(fast_fn, device)
-        results.append({"op": name, "reference_ms": _median_ms(ref_fn, device, repeats),
-                        "fused_ms": _median_ms(fast_fn, device, repeats), "compile_s": first_s})
+        results.append({"op": name, "reference_ms": median_ms(ref_fn, device, repeats, warmup=3),
+                        "fused_ms": median_ms(fast_fn, device, repeats, warmup=3), "compile_s": first_s})
     return results
 
 

@@ -434,7 +434,7 @@ def _run(args: argparse.Namespace) -> int:
         table,
         write_outputs,
     )
-    from coatflux.core.compile_cache import load_compile_cache, save_compile_cache
+    from coatflux.core.compile_cache import compile_cache_counts, load_compile_cache, save_compile_cache
     from coatflux.flux.attention import attention_backends
 
     start = time.monotonic()
@@ -483,18 +483,10 @@ def _run(args: argparse.Namespace) -> int:
         report.notes.append(f"{skipped} cells were not measured (see their rows), budget {args.budget_s} s")
     report.notes.append(f"whole run took {time.monotonic() - start:.0f} s")
     if cache:
-        _note_cache(report.notes, save_compile_cache(cache))
+        hits, misses = compile_cache_counts()
+        report.notes.append(f"inductor graphs: {hits} found in the cache, {misses} compiled; "
+                            f"{save_compile_cache(cache)}")
     print(table(report.rows))
     write_outputs(report, flops, args.json_path, args.markdown_path)
     return 0
 
-
-def _note_cache(notes: list[str], saved: str) -> None:
-    """Keep one line on the compile cache's use so far (replacing the last one): graphs it served,
-    graphs compiled, and what was saved."""
-    from coatflux.core.compile_cache import compile_cache_counts
-
-    hits, misses = compile_cache_counts()
-    prefix = "inductor graphs"
-    notes[:] = [n for n in notes if not n.startswith(prefix)]
-    notes.append(f"{prefix}: {hits} found in the cache, {misses} compiled; {saved}")

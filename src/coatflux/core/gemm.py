@@ -27,6 +27,8 @@ import functools
 import json
 import logging
 import os
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +164,21 @@ def cuda_event_time(fn: Callable[[], object], device: torch.device, repeats: int
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn`` after ``warmup`` calls: CUDA events on a GPU (see
+    :func:`cuda_event_time`), the host's clock elsewhere (a CPU check of a benchmark, not a GPU figure)."""
+    if device.type == "cuda":
+        return cuda_event_time(fn, device, repeats, warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
 
 
 #: Row counts (tokens x batch) at which :meth:`GemmPlanner.row_plan` times a linear's two paths:

@@ -47,7 +47,8 @@ Exactness, and what it took:
 The same operations, uncompiled, serve code that is itself being compiled (the FP8 linear and
 the saved-tensor hooks of :mod:`coatflux.core.compiled`): :func:`tensor_scale_ops`,
 :func:`group_pow2_ops` and :func:`group_pow2_values_ops`, which the enclosing graph's inductor
-fuses with their neighbours.
+fuses with their neighbours. One difference: :func:`tensor_scale_ops` takes its maximum per row
+rather than per fixed block, so that it fuses into the kernel producing the tensor.
 
 Scope: per-tensor scales without ``pow2`` and per-group scales with ``pow2`` (what COAT uses);
 everything else stays on the reference. :mod:`coatflux.core.formats` dispatches here for CUDA
