@@ -489,4 +489,3 @@ def _run(args: argparse.Namespace) -> int:
     print(table(report.rows))
     write_outputs(report, flops, args.json_path, args.markdown_path)
     return 0
-
