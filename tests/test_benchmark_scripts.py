@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,11 +31,33 @@ def test_attention_backends_measures_each_backend_in_its_own_process(tmp_path) -
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "attention_backends.py"), "--device", "cpu", "--backends", "flash",
          "math", "efficient", "--tokens", "80", "--heads", "2", "--head-dim", "32", "--repeats", "2",
-         "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+         "--layouts", "flux-single", "contiguous", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {row["backend"]: row for row in json.loads(out.read_text())["rows"]}
+    rows = {(row["backend"], row["layout"]): row for row in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 6
     for name in ("flash", "math"):  # bf16 against the fp32 reference: close, not equal
-        assert rows[name]["ms"] > 0 and 35 < min(rows[name]["sqnr_db"].values()) < 100, rows[name]
+        for layout in ("flux-single", "contiguous"):
+            row = rows[name, layout]
+            assert row["ms"] > 0 and 35 < min(row["sqnr_db"].values()) < 100, row
     # no CPU kernel for the memory-efficient backend: its child fails, the run goes on and says so
-    assert "No viable backend" in rows["efficient"]["error"]
-    assert "efficient  failed" in result.stdout
+    assert all("No viable backend" in rows["efficient", layout]["error"] for layout in ("flux-single", "contiguous"))
+    assert "efficient  flux-single        failed" in result.stdout
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "flux-double", "flux-single", "flux-single-fixed"])
+def test_attention_layouts_keep_the_values_and_set_the_strides(layout) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from attention_backends import in_layout
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    base = [torch.randn(1, 3, 7, 4) for _ in range(4)]
+    out = in_layout(layout, *base)
+    assert all(torch.equal(a, b) for a, b in zip(base, out, strict=True))
+    q, grad = out[0], out[3]
+    tokens_major = (7 * 3 * 4, 4, 3 * 4, 1)
+    assert q.stride() == ((7 * 4 * 3, 7 * 4, 4, 1) if layout == "contiguous" else tokens_major)
+    expected = {"contiguous": (84, 28, 4, 1), "flux-double": tokens_major,
+                "flux-single": (7 * 5 * 12, 4, 5 * 12, 1), "flux-single-fixed": tokens_major}[layout]
+    assert grad.stride() == expected

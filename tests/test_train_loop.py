@@ -228,6 +228,27 @@ def test_training_runs_without_cudnn_attention_unless_asked(tmp_path: Path, tiny
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
+@pytest.mark.parametrize("allow", [False, True])
+def test_cudnn_attention_trains_with_contiguous_attention_gradients(tmp_path: Path, tiny_flux_dir: Path,
+                                                                   monkeypatch, allow: bool) -> None:
+    """With ``model.cudnn_attention`` every block's attention hands SDPA a gradient laid out like its
+    output (``coatflux.flux.attention``), hooked before training; without it nothing is hooked."""
+    from coatflux.trainer import loop
+
+    hooked, original = [], loop.keep_attention_grads_contiguous
+
+    def keep(transformer):
+        hooked.append(original(transformer))
+        return hooked[-1]
+
+    monkeypatch.setattr(loop, "keep_attention_grads_contiguous", keep)
+    model = {"name_or_path": str(tiny_flux_dir), "is_flux": True, "cudnn_attention": allow}
+    job = job_dict(tiny_flux_dir, tmp_path, model=model,
+                   train={"steps": 1, "optimizer": "adamw", "disable_sampling": True})
+    assert run_job(tmp_path, job).steps == 1
+    assert hooked == ([4] if allow else [])  # the tiny FLUX's 2 double + 2 single blocks
+
+
 @pytest.mark.parametrize("coat", [pytest.param(True, marks=pytest.mark.slow), False])  # ~60 s: dynamic shapes
 def test_ai_toolkit_block_compile_compiles_the_blocks(tmp_path: Path, tiny_flux_dir: Path, monkeypatch, capsys,
                                                       coat: bool) -> None:

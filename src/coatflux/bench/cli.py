@@ -122,9 +122,12 @@ def _fused_default(args: argparse.Namespace, device: torch.device) -> bool:
 def _build(name: str, plan: _Plan):  # -> (model, optimizer)
     from coatflux.bench.configs import CONFIGS
     from coatflux.bench.model import PRESETS, build_transformer
+    from coatflux.flux.attention import keep_attention_grads_contiguous
 
     preset = PRESETS[plan.args.preset]
     model = build_transformer(preset, plan.device)
+    if getattr(plan.args, "allow_cudnn_attention", False):
+        keep_attention_grads_contiguous(model)  # see coatflux.flux.attention: cuDNN's graph cache
     optimizer = CONFIGS[name].setup(model, preset.lora_rank, plan.options())
     return model, optimizer
 

@@ -53,7 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coatflux.core.accounting import optimizer_state_bytes
-from coatflux.flux.attention import attention_policy
+from coatflux.flux.attention import attention_policy, keep_attention_grads_contiguous
 from coatflux.flux.loading import load_flux_components
 from coatflux.flux.lora import lora_metadata
 from coatflux.trainer.checkpoint import (
@@ -176,6 +176,8 @@ def _train(cfg: TrainJobConfig, overwrite: bool, device: str | torch.device | No
     caches.release_encoders(keep_vae=sampler is not None or not caches.all_latents_cached)
     # 3. Select what trains, convert to FP8, move to the device; optimizer, schedule, EMA.
     transformer = components.transformer
+    if cfg.model.cudnn_attention:
+        keep_attention_grads_contiguous(transformer)  # before any block is compiled; see flux.attention
     copies = block_copies(transformer) if runtime.is_main else {}
     network = build_network(transformer, cfg, runtime.device, state.seed)
     params = network.parameters()
