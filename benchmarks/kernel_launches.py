@@ -21,8 +21,9 @@ Triton installed (``pip install triton``) and asks Triton's active driver for a 
 machine without a GPU lacks. The script answers that one question itself (``_generate_only``) and
 lets each graph's compilation fail after the code is generated, running the graph eagerly
 instead. The counts are of the code inductor writes for a CPU device: its heuristics read the
-device's properties (2 "SMs" here), so a GPU's split reductions may add a few kernels. Not a
-time: a launch count.
+device's properties (2 "SMs" here), so a GPU's split reductions may add a few kernels; and for a
+CPU device inductor stores a reused ``tanh``, ``exp`` or ``sigmoid`` rather than recomputing it
+(``StorageBox.should_realize_on_reuse``), which a GPU compile does not. Not a time: a launch count.
 
 It also sums inductor's own estimate of the bytes each scheduled node reads and writes
 (``get_read_write_buffers_sizes``, the model its scheduler ranks fusions with), for its generated

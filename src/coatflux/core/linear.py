@@ -110,7 +110,8 @@ class _FP8LinearFunction(torch.autograd.Function):
             ctx.lora_dtypes = (lora_A.dtype, lora_B.dtype)
             a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
             h = x2 @ a.t()
-            y = torch.addmm(y, h, b.t(), alpha=lora_scale)
+            # in place: an out-of-place addmm first copies y into its result (a memcpy per linear)
+            y = y.addmm_(h, b.t(), alpha=lora_scale)
         ctx.layer, ctx.lora_scale, ctx.x_shape = layer, lora_scale, x.shape
         if layer.input_saved_by_hooks:
             # The model's activation compressor stores x: as this FP8 copy, or, when x is the
