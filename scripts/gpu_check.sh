@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU command of a session: FLUX's attention per SDPA backend and layout, then the bench at
-# 1024 px with cuDNN attention if it is sound in FLUX's layouts, then the GPU test of the FP8 GEMM.
+# 1024 px with cuDNN attention if it is sound in FLUX's layouts, then the GPU tests of the FP8 GEMM
+# and of the hooked FLUX on cuDNN.
 #
 # Run from the repository root on a CUDA box whose python3 has torch (+CUDA, Triton), transformers, peft,
 # safetensors and huggingface_hub but not diffusers: the wheels listed in scripts/gpu_wheels.txt
@@ -27,7 +28,7 @@
 # * The compile cache (.cache/compile-cache.bin) was 102 MB at 1024 px: too big to come back from
 #   the machine, so it only helps a second stage on the same warm machine. COAT's first step
 #   compiles for ~110 s on an H200, torchao ~42 s, compiled bf16 ~30 s.
-# Expected wall time: env <= 15 s, attention <= 60 s, benches <= 400 s, tests <= 40 s.
+# Expected wall time: env <= 15 s, attention <= 60 s, benches <= 400 s, tests <= 60 s.
 set -u -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
@@ -85,5 +86,8 @@ else
   bench bench512 330 --resolutions 512 --configs bf16 coat-compiled+cudagraphs bf16-compiled+cudagraphs --budget-s 310
 fi
 
-timeout 40 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short tests/test_linear.py 2>&1 | tee "$OUT/gpu_tests.log"
-echo "tests/test_linear.py exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
+# The FP8 GEMM's tests, then the hooked tiny FLUX through cuDNN's attention against flash (last:
+# a cuDNN fault would spoil the process for anything after it).
+timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short tests/test_linear.py \
+  tests/test_flux_attention.py 2>&1 | tee "$OUT/gpu_tests.log"
+echo "GPU tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"

@@ -121,3 +121,28 @@ def test_the_hook_is_traced_into_compiled_blocks(tiny_lora, hooked):
 def test_a_model_without_flux_blocks_is_refused():
     with pytest.raises(ValueError, match="Linear has no FLUX blocks"):
         keep_attention_grads_contiguous(nn.Linear(2, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudnn_attention_trains_the_hooked_flux_like_flash_attention():
+    """On a GPU: with the hook, FLUX's backward through cuDNN's attention runs (an illegal memory
+    access without it, H200 2026-11-27) and gives FlashAttention's LoRA gradients."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from coatflux.core.formats import sqnr_db
+
+    data = make_batch(PRESETS["tiny"], 64, 1, "cuda")
+    grads = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        model = build_transformer(PRESETS["tiny"], "cuda").requires_grad_(False)
+        torch.manual_seed(0)
+        inject_lora(model, 4, 4.0, find_lora_targets(model))
+        for p in lora_parameters(model):
+            nn.init.normal_(p, std=0.05)
+        keep_attention_grads_contiguous(model)
+        with sdpa_kernel([backend]):
+            loss_of(model.train(), data).backward()
+        torch.cuda.synchronize()
+        grads.append(torch.cat([p.grad.flatten() for p in lora_parameters(model)]).float().cpu())
+    assert sqnr_db(grads[0], grads[1]) > 30
