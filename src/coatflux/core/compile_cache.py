@@ -7,9 +7,10 @@ artifact this process compiled or took from those caches (PyTorch's "mega-cache"
 graphs were found in the caches and how many were compiled.
 
 Why: a compiled COAT model pays its compilation at the first step: 110-150 s for FLUX.1-dev's
-blocks on an H100 with a cold cache (``docs/runs/h100-2026-11-26-1846.md``). Inductor keeps what it compiled on
-the machine's disk (``TORCHINDUCTOR_CACHE_DIR``) and a second run there starts warm, but a machine
-that starts empty -- a rented GPU, the lent machines our GPU checks run on -- pays it every time.
+blocks on an H100 with a cold cache (``docs/runs/h100-2026-11-26-1846.md``). Inductor keeps what
+it compiled on the machine's disk (``TORCHINDUCTOR_CACHE_DIR``) and a second run there starts
+warm, but a machine that starts empty -- a rented GPU, the lent machines our GPU checks run on --
+pays it every time.
 One file travels where a cache directory does not: it holds the graphs of one run and nothing of
 other runs, and its format is PyTorch's public API rather than a directory layout private to
 inductor.
