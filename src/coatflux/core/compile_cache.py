@@ -18,9 +18,10 @@ inductor.
 What it does not save: dynamo still traces each graph and AOTAutograd still traces and
 partitions it: AOTAutograd's own cache takes no graph with a custom autograd function in it, and
 COAT's traced FP8 linear is one (torch 2.13: "Unsupported call_function target
-autograd_function_apply"). Inductor's code generation and kernel compilation are what a hit skips. On this CPU the tiny FLUX's first compiled
-COAT step took 51.7 s cold and 39.3 s with the file (4 of 4 graphs found). A file from another
-torch version or another GPU finds nothing, and everything compiles as without it.
+autograd_function_apply"). Inductor's code generation and kernel compilation are what a hit
+skips. On this CPU the tiny FLUX's first compiled COAT step took 51.7 s cold and 39.3 s with the
+file (4 of 4 graphs found). A file from another torch version or another GPU finds nothing, and
+everything compiles as without it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 What: :func:`attention_policy` disables PyTorch's cuDNN attention backend for the code it
 encloses (flash, memory-efficient and math stay allowed) and restores the previous setting after.
-Both the trainer and ``coatflux bench`` run inside it.
+Both the trainer and ``coatflux bench`` run inside it. Where cuDNN is allowed,
+:func:`keep_attention_grads_contiguous` hooks FLUX's attention modules so that cuDNN's backward
+can run (below).
 
 Why: on an NVIDIA H200 with torch 2.11 + CUDA 13 the cuDNN backend's backward for FLUX.1-dev's
 attention failed (``mha_graph.execute(...).is_good()`` false), and the illegal memory access it
@@ -96,12 +98,13 @@ def _with_contiguous_grad(value):
 
 
 def keep_attention_grads_contiguous(transformer: nn.Module) -> int:
-    """Make the gradient of every FLUX block's attention output contiguous; returns how many hooks are in place.
+    """Make the gradient of every FLUX block's attention output contiguous; returns the hook count.
 
     Idempotent: a module hooked before is not hooked twice. Install it before the blocks are
     compiled, so the hook is traced into their graphs rather than making them recompile.
     """
-    blocks = [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
+    blocks = [*getattr(transformer, "transformer_blocks", []),
+              *getattr(transformer, "single_transformer_blocks", [])]
     attentions = [block.attn for block in blocks if isinstance(getattr(block, "attn", None), nn.Module)]
     if not attentions:
         raise ValueError(f"{type(transformer).__name__} has no FLUX blocks with an `attn` module to hook")
