@@ -185,6 +185,7 @@ def test_train_save_and_resume_with_fp8_adamw(installed: Path, tmp_path: Path,
     first = _train(tmp_path, model_and_data, steps=2)
     assert "Using FP8AdamW" in first
     assert "FP8 weights + FP8 GEMMs + FP8-saved inputs on 40 LoRA base linears" in first
+    assert "the gradients of 4 attention modules are made contiguous" in first  # 2 double + 2 single blocks
     run_dir = tmp_path / "output" / "coat_tiny"
     lora, optimizer_file = run_dir / "coat_tiny.safetensors", run_dir / "optimizer.pt"
     assert lora.exists() and optimizer_file.exists() and (run_dir / "config.yaml").exists()

@@ -306,6 +306,34 @@ def test_process_class_reads_coat_block_and_routes_optimizer(patched_training_mo
     assert len(proc.coat_fp8_bases) == 1  # include ["2."] selects the nested linear "2.0" only
 
 
+class _FluxLikeBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("flux", [True, False])
+def test_process_hooks_a_flux_transformers_attention_for_cudnn(patched_training_module, capsys, flux: bool) -> None:
+    """A FLUX transformer's attention gets the contiguous-gradient hook (cuDNN's backward is wrong
+    in FLUX without it), whatever the coat block says; another architecture is left alone."""
+    from coatflux.flux.attention import _contiguous_grads
+
+    cls = processes.make_coat_process_class(FakeSDTrainer, "COATSDTrainer")
+    proc = cls(0, None, {"coat": {"enabled": False}})
+    if flux:
+        proc.sd.unet = types.SimpleNamespace(transformer_blocks=[_FluxLikeBlock()],
+                                             single_transformer_blocks=[_FluxLikeBlock(), _FluxLikeBlock()])
+    proc.hook_add_extra_train_params([])
+    out = capsys.readouterr().out
+    if flux:
+        blocks = [*proc.sd.unet.transformer_blocks, *proc.sd.unet.single_transformer_blocks]
+        assert all(list(b.attn._forward_hooks.values()) == [_contiguous_grads] for b in blocks)
+        assert "gradients of 3 attention modules are made contiguous" in out
+    else:
+        assert "attention modules" not in out
+        assert not any(m._forward_hooks for m in proc.sd.unet.modules())
+
+
 def test_process_class_rejects_bad_coat_block_with_its_path(patched_training_module) -> None:
     cls = processes.make_coat_process_class(FakeSDTrainer, "COATSDTrainer")
     with pytest.raises(ConfigError, match=r"config\.process\[0\]\.coat\.optimizr"):

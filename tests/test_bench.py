@@ -154,10 +154,29 @@ def test_render_writes_a_saved_run_with_what_it_did_not_measure(tmp_path):
     assert "| bf16 | 64 | 1 | 0.123 (n=10) |" in text and "| coat | 64 | 1 | 0.200 (n=10) |" in text
     assert "| coat, largest batch | 64 | 4 | 0.500 (n=3) |" in text
     assert "- card: Some GPU" in text and "- date: 2026-01-02 03:04 UTC" in text  # the run's, not today's
-    assert "- rendered from run.json on " in text
+    assert "- rendered from run.json" in text and "Rendered on " in text
     absent = text.split("Not in this run, so not measured on this card:")[1].split("FLOPs per")[0]
     assert "`coat-compiled`" in absent and "`bf16`" not in absent and "`coat`:" not in absent
     assert json.loads(saved.read_text())["rows"][0]["step_s"] == 0.123456  # the input is left as it was
+
+
+def test_render_keeps_several_runs_apart(tmp_path):
+    from coatflux.cli import main
+
+    first, second, md = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "benchmarks.md"
+    _saved_report(first, [{"config": "bf16", "resolution": 64, "batch": 1, "kind": "batch 1", "step_s": 0.3,
+                           "steps": 10, "speedup": 1.0}])
+    _saved_report(second, [{"config": "coat", "resolution": 32, "batch": 1, "kind": "batch 1", "step_s": 0.1,
+                            "steps": 10}])
+    assert main(["bench", "--render", str(first), str(second), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    run1, run2 = text.split("## Run 1 of 2: ")[1].split("## Run 2 of 2: ")
+    assert "| bf16 | 64 | 1 | 0.300 (n=10) |" in run1 and "| coat |" not in run1
+    assert "| coat | 32 | 1 | 0.100 (n=10) |" in run2.split("Not in any of these runs")[0]
+    assert "- rendered from a.json" in run1 and "- rendered from b.json" in run2
+    absent = text.split("Not in any of these runs, so not measured on this card:")[1].split("FLOPs per")[0]
+    assert "`bf16`" not in absent and "`coat`:" not in absent and "`coat+ckpt`" in absent
+    assert "32px" in text and "64px" in text  # both runs' resolutions in the FLOP line
 
 
 @pytest.mark.parametrize("content, message", [

@@ -213,18 +213,21 @@ def test_finished_run_is_not_overwritten_silently(tmp_path: Path, tiny_flux_dir:
     assert again.resumed_from is None and again.steps == 2
 
 
-@pytest.mark.parametrize("allow", [False, True])
-def test_training_runs_without_cudnn_attention_unless_asked(tmp_path: Path, tiny_flux_dir: Path, monkeypatch,
-                                                           allow: bool) -> None:
-    """cuDNN SDPA is off while training (its backward failed on an H200), restored afterwards."""
+@pytest.mark.parametrize("allow", [False, True, None])
+def test_training_keeps_cudnn_attention_unless_told_not_to(tmp_path: Path, tiny_flux_dir: Path, monkeypatch,
+                                                          allow: bool | None) -> None:
+    """cuDNN SDPA stays allowed by default (None: the key left out); ``false`` turns it off for the
+    run, and the setting is restored afterwards."""
     from coatflux.trainer import loop
 
     seen = []
     monkeypatch.setattr(loop, "_train", lambda *args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    model = {"name_or_path": str(tiny_flux_dir), "is_flux": True, "cudnn_attention": allow}
+    model = {"name_or_path": str(tiny_flux_dir), "is_flux": True}
+    if allow is not None:
+        model["cudnn_attention"] = allow
     train(load_job(tmp_path, job_dict(tiny_flux_dir, tmp_path, model=model)))
-    assert seen == [allow and before]
+    assert seen == [allow is not False and before]
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 

@@ -24,8 +24,10 @@ model. (On an H200 the earlier version, which kept the model across OOM probes, 
 with 19 MiB free for every later config.)
 
 Attention: the cuDNN backend of ``scaled_dot_product_attention`` is disabled for the run unless
-``--allow-cudnn-attention``; flash, memory-efficient and math stay allowed. The Machine section
-of the markdown records which backends were allowed.
+``--allow-cudnn-attention``, which also installs the hook that makes it correct in FLUX
+(:mod:`coatflux.flux.attention`); flash, memory-efficient and math stay allowed. Off by default so
+that a run is comparable with the runs before the hook; the trainer keeps cuDNN. The Machine
+section of the markdown records which backends were allowed.
 """
 
 from __future__ import annotations
@@ -83,14 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "into it at the end, replacing it: a warm start on a machine with an empty "
                              "cache (coatflux.core.compile_cache)")
     parser.add_argument("--allow-cudnn-attention", action="store_true",
-                        help="keep PyTorch's cuDNN scaled-dot-product-attention backend (off by default: its "
-                             "backward failed on an H200 with torch 2.11 + CUDA 13, then corrupted the context)")
+                        help="keep PyTorch's cuDNN scaled-dot-product-attention backend, with the hook that makes "
+                             "its backward correct in FLUX (coatflux.flux.attention), as the trainer does; off by "
+                             "default (flash attention), as in the runs before the hook")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", dest="markdown_path", default=None,
                         help="write docs/benchmarks.md-style markdown here")
-    parser.add_argument("--render", metavar="JSON", default=None,
-                        help="measure nothing: write the markdown (--markdown) of a run's JSON report with this "
-                             "version's layout, e.g. to list the configurations that run did not have")
+    parser.add_argument("--render", metavar="JSON", nargs="+", default=None,
+                        help="measure nothing: write the markdown (--markdown) of saved JSON reports with this "
+                             "version's layout, one section per run (e.g. a session's 1024 px and 512 px runs)")
 
 
 @dataclass
@@ -400,17 +403,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    """``--render``: a saved JSON report as markdown; the figures are the run's, untouched."""
-    import json
+    """``--render``: saved JSON reports as one markdown; the figures are the runs', untouched."""
     from datetime import datetime, timezone
+
+    from coatflux.bench.report import command_line, markdown_runs, table, write_text
+
+    if not args.markdown_path or args.json_path:
+        raise ValueError("--render: give --markdown (where to write) and no --json (the JSONs are the input)")
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    runs = [_saved_run(path) for path in args.render]
+    for report, _ in runs:
+        print(table(report.rows))
+    write_text(args.markdown_path, markdown_runs(runs, f"Rendered on {date} by `{' '.join(command_line())}`."))
+    return 0
+
+
+def _saved_run(path: str):  # -> (Report, flops per resolution)
+    import json
     from pathlib import Path
 
     from coatflux.bench.model import PRESETS, count_step_flops
-    from coatflux.bench.report import Report, command_line, table, write_outputs
+    from coatflux.bench.report import Report
 
-    if not args.markdown_path or args.json_path:
-        raise ValueError("--render: give --markdown (where to write) and no --json (the JSON is the input)")
-    source = Path(args.render)
+    source = Path(path)
     try:
         data = json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -420,11 +435,8 @@ def _render(args: argparse.Namespace) -> int:
     if preset not in PRESETS:
         raise ValueError(f"{source}: environment.preset {preset!r} is not one of {', '.join(sorted(PRESETS))}")
     flops = {res: count_step_flops(PRESETS[preset], res) for res in sorted({row.resolution for row in report.rows})}
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    report.environment["rendered"] = f"rendered from {source.name} on {date} by `{' '.join(command_line())}`"
-    print(table(report.rows))
-    write_outputs(report, flops, None, args.markdown_path)
-    return 0
+    report.environment["rendered"] = f"rendered from {source.name}"
+    return report, flops
 
 
 def _run(args: argparse.Namespace) -> int:

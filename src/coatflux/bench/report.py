@@ -159,39 +159,40 @@ def _rates_line(rates: MatmulRates | None) -> str:
 
 def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
     """The whole docs/benchmarks.md text for this run."""
-    env = report.environment
-    gpu = env["device"].startswith("cuda")
+    return markdown_runs([(report, flops)])
+
+
+def markdown_runs(runs: list[tuple[Report, dict[int, StepFlops]]], rendered: str | None = None) -> str:
+    """The whole docs/benchmarks.md text for one run or several, each with its machine and table.
+
+    Several runs of one session (e.g. a baseline under other attention backends, another
+    resolution) stay separate sections: their rows are never merged into one table, since a
+    speed-up compares rows of the same run only. ``rendered`` says when and how saved runs were
+    written out again.
+    """
+    envs = [report.environment for report, _ in runs]
     out = ["# Benchmarks", "",
            "Written by `coatflux bench`; do not edit by hand (rerun the command below instead).", ""]
-    if not gpu:
+    if rendered:
+        out += [rendered, ""]
+    if not all(env["device"].startswith("cuda") for env in envs):
         out += ["**No GPU run yet: every GPU row is not yet measured.** The table below is a CPU run of a "
-                f"reduced preset (`{env['preset']}`); it shows that the benchmark code runs, not how fast "
+                f"reduced preset (`{envs[0]['preset']}`); it shows that the benchmark code runs, not how fast "
                 "FLUX.1-dev trains. Step times on a CPU say nothing about a GPU, and the CPU has no "
                 "allocator statistics, so memory is n/a.", ""]
-    out += ["## Machine", "",
-            f"- card: {env.get('card')}" + (f" ({env.get('memory_gb')} GiB, sm {env.get('capability')})" if gpu else ""),
-            f"- driver: {env.get('driver') or 'n/a'}; CUDA (torch build): {env.get('cuda') or 'n/a'}",
-            f"- torch {env['torch']}, Python {env['python']}, {env['platform']}",
-            f"- date: {env['date']}",
-            f"- command: `{env['command']}`",
-            f"- measured matmul rates: {_rates_line(report.rates)}",
-            f"- attention (SDPA) backends: {env.get('attention', 'not recorded')}"]
-    if env.get("rendered"):
-        out += [f"- {env['rendered']}"]
-    out += ["", "## Results", "", table(report.rows), ""]
-    absent = not_in_run(report.rows)
+    if len(runs) > 1:
+        out += [f"{len(runs)} runs, one section each; samples/s vs bf16 compares rows of the same run.", ""]
+    for i, (report, _) in enumerate(runs, 1):
+        title = f"Run {i} of {len(runs)}: {report.environment['date']}" if len(runs) > 1 else None
+        out += _run_section(report, title)
+    absent = not_in_run([row for report, _ in runs for row in report.rows])
     if absent:
-        out += ["Not in this run, so not measured on this card:", ""]
+        out += [f"Not in {'this run' if len(runs) == 1 else 'any of these runs'}, so not measured on this card:", ""]
         out += [f"- `{name}`: {description}" for name, description in absent] + [""]
+    flops = {res: f for _, run_flops in runs for res, f in run_flops.items()}
     out += ["FLOPs per training step at batch 1 (LoRA, no recomputation): " + ", ".join(
         f"{res}px {f.total / 1e12:.3g} TFLOP ({f.attention / f.total:.0%} attention)" for res, f in sorted(flops.items()))
         + ".", ""]
-    if report.notes:
-        out += ["## Notes from this run", ""] + [f"- {n}" for n in report.notes] + [""]
-    if report.profiles:
-        out += ["## Profiled steps", "", "One step after the timed ones, under `torch.profiler` (its own overhead "
-                "included in the step), GPU kernel time by category:", ""]
-        out += [_profile_line(p) for p in report.profiles] + [""]
     out += ["## How to read it", "",
             "- step s: median wall time of one training step (forward, backward, optimizer step) over n timed "
             "steps after warm-up; CUDA events on a GPU. optimizer s: the optimizer-step part of it. first step s: "
@@ -209,6 +210,32 @@ def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
             "- Every recipe trains the same rank-16 LoRA (fp32 weights, multiplied in bf16) on ai-toolkit's targets; the model has "
             "random weights (timing and memory depend on shapes only). No figure here is estimated.", ""]
     return "\n".join(out)
+
+
+def _run_section(report: Report, title: str | None) -> list[str]:
+    """One run's machine, table, notes and profiles; under ``title`` (a level-2 heading) when given."""
+    env = report.environment
+    gpu = env["device"].startswith("cuda")
+    sub = "###" if title else "##"
+    out = [f"## {title}", ""] if title else []
+    out += [f"{sub} Machine", "",
+            f"- card: {env.get('card')}" + (f" ({env.get('memory_gb')} GiB, sm {env.get('capability')})" if gpu else ""),
+            f"- driver: {env.get('driver') or 'n/a'}; CUDA (torch build): {env.get('cuda') or 'n/a'}",
+            f"- torch {env['torch']}, Python {env['python']}, {env['platform']}",
+            f"- date: {env['date']}",
+            f"- command: `{env['command']}`",
+            f"- measured matmul rates: {_rates_line(report.rates)}",
+            f"- attention (SDPA) backends: {env.get('attention', 'not recorded')}"]
+    if env.get("rendered"):
+        out += [f"- {env['rendered']}"]
+    out += ["", f"{sub} Results", "", table(report.rows), ""]
+    if report.notes:
+        out += [f"{sub} Notes from this run", ""] + [f"- {n}" for n in report.notes] + [""]
+    if report.profiles:
+        out += [f"{sub} Profiled steps", "", "One step after the timed ones, under `torch.profiler` (its own "
+                "overhead included in the step), GPU kernel time by category:", ""]
+        out += [_profile_line(p) for p in report.profiles] + [""]
+    return out
 
 
 def _profile_line(summary: dict[str, Any]) -> str:
@@ -230,13 +257,14 @@ def write_outputs(report: Report, flops: dict[int, StepFlops], json_path: str | 
                   markdown_path: str | None) -> None:
     """Write the JSON and markdown atomically: a run killed while writing keeps the previous file."""
     if json_path:
-        _write_text(Path(json_path), json.dumps(report.to_json(), indent=2) + "\n")
+        write_text(json_path, json.dumps(report.to_json(), indent=2) + "\n")
     if markdown_path:
-        _write_text(Path(markdown_path), markdown(report, flops))
+        write_text(markdown_path, markdown(report, flops))
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def command_line() -> list[str]:

@@ -1,36 +1,35 @@
-"""Which ``scaled_dot_product_attention`` backends FLUX training may use on a GPU.
+"""Which ``scaled_dot_product_attention`` backends FLUX training may use on a GPU, and the hook
+that lets it use cuDNN's.
 
-What: :func:`attention_policy` disables PyTorch's cuDNN attention backend for the code it
-encloses (flash, memory-efficient and math stay allowed) and restores the previous setting after.
-Both the trainer and ``coatflux bench`` run inside it. Where cuDNN is allowed,
-:func:`keep_attention_grads_contiguous` hooks FLUX's attention modules so that cuDNN's backward
-can run (below).
+What: :func:`keep_attention_grads_contiguous` hooks FLUX's attention modules so that the gradient
+each SDPA backward receives is laid out like its output. :func:`attention_policy` disables
+PyTorch's cuDNN attention backend for the code it encloses (flash, memory-efficient and math stay
+allowed) unless told to keep it, and restores the previous setting after. The trainer keeps cuDNN
+and installs the hook (``model.cudnn_attention``, default true); ``coatflux bench`` disables
+cuDNN unless ``--allow-cudnn-attention``, which installs the hook, so its rows stay comparable
+with the runs before the hook.
 
-Why: on an NVIDIA H200 with torch 2.11 + CUDA 13 the cuDNN backend's backward for FLUX.1-dev's
-attention failed (``mha_graph.execute(...).is_good()`` false), and the illegal memory access it
-left behind broke every later CUDA call of the process (coatflux bench, 2026-11-26). PyTorch
-prefers cuDNN on Hopper when it is enabled, so a run would die at its first backward. Flash
-attention handles FLUX's head size (128) in bf16, but skipping cuDNN costs speed; the trainer's
-``model.cudnn_attention: true`` and the bench's ``--allow-cudnn-attention`` keep it.
+Why: PyTorch prefers cuDNN's attention on Hopper (recent cuDNN), and there it breaks FLUX's
+backward. FLUX's single blocks concatenate the attention output with the MLP branch before
+``proj_out``, so the gradient SDPA's backward receives there is a column slice of a 15,360-wide
+tensor (row stride 15,360, where the output's is 3,072); the double blocks hand it a contiguous
+one. PyTorch passes such a gradient to cuDNN as it is and caches cuDNN's backward graph under a
+key of the shapes and the q/k/v strides, not the gradient's (``MHAParams`` in PyTorch's
+``aten/src/ATen/native/cudnn/MHA.cpp``). Whichever block class runs its backward first fixes the
+graph the other reuses. Measured on an H200 (torch 2.11 + CUDA 13, cuDNN 9.19, 2026-11-27 06:10,
+``benchmarks/attention_backends.py``, FLUX's shape at 1024 px): the single block's layout and then
+the double block's, as in a FLUX backward, is an illegal memory access that breaks every later
+CUDA call of the process; the double block's and then the single block's runs, but its input
+gradients are wrong (SQNR -0.8 dB against fp32, where every correct run has 52.5 dB), silently.
+With the gradient contiguous every layout gives 52.5 dB, and cuDNN runs FLUX's attention (forward
+and backward) in 1.70 ms against FlashAttention-2's 3.15 ms; an eager bf16 FLUX.1-dev step at
+1024 px took 0.504 s with cuDNN and the hook against 0.556 s with flash (same machine, 06:11-06:12).
 
-The likely cause, found afterwards on the CPU: FLUX's single blocks concatenate the attention
-output with the MLP branch before ``proj_out``, so the gradient SDPA's backward receives there is
-a column slice of a 15,360-wide tensor (row stride 15,360, where the output's is 3,072); the
-double blocks hand it a contiguous one. PyTorch (cuDNN >= 9.5.1) passes such a gradient to cuDNN
-as it is, and caches cuDNN's backward graph under a key of the shapes and the q/k/v strides, not
-the gradient's strides (``MHAParams`` in PyTorch's ``aten/src/ATen/native/cudnn/MHA.cpp``; later
-versions check each tensor against the cached graph, "to catch cache-key bugs"). The backward
-graph built for the single blocks, which run their backward first, is then reused by the double
-blocks with a gradient five times narrower than it reads: an illegal memory access. Not yet
-confirmed on a GPU. The isolated attention of ``benchmarks/attention_backends.py`` (one
-layout) was correct and ran 1.9x faster than FlashAttention-2 on the same H200 (2026-11-27).
-
-:func:`keep_attention_grads_contiguous` is the remedy the trainer and the bench install when
-cuDNN is allowed: a forward hook on every FLUX block's attention module whose output then hands
-its gradient on contiguous, so every SDPA backward sees a gradient with its output's strides.
-It costs one copy of that gradient in the single blocks (4,608 x 3,072 bf16 at 1024 px). The
-alternative, making the gradient contiguous inside PyTorch's SDPA, is not ours to change; giving
-FLUX a processor of our own would copy diffusers' attention code.
+The hook costs one copy of that gradient in each single block (4,608 x 3,072 bf16 at 1024 px)
+and nothing in the double blocks, whose gradient is already contiguous. Chosen against the
+alternatives: making the gradient contiguous inside PyTorch's SDPA is not ours to change; giving
+FLUX an attention processor of our own would copy diffusers' attention code; keeping cuDNN off
+(flash only) is correct but gives up the faster kernel.
 """
 
 from __future__ import annotations
@@ -44,7 +43,10 @@ from torch import nn
 
 @contextlib.contextmanager
 def attention_policy(allow_cudnn: bool) -> Iterator[None]:
-    """Disable the cuDNN SDPA backend for the enclosed code unless ``allow_cudnn``; restore it after."""
+    """Disable the cuDNN SDPA backend for the enclosed code unless ``allow_cudnn``; restore it after.
+
+    Allow cuDNN only for a FLUX transformer hooked by :func:`keep_attention_grads_contiguous`.
+    """
     toggle = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)
     if toggle is None or allow_cudnn:
         yield
@@ -67,7 +69,8 @@ def attention_backends() -> str:
     disabled = [name for name, on in state.items() if not on]
     text = ", ".join(allowed) + " allowed" if allowed else "none allowed"
     if "cuDNN" in disabled:
-        text += "; cuDNN disabled (its backward failed on an H200, torch 2.11 + CUDA 13; --allow-cudnn-attention keeps it)"
+        text += ("; cuDNN disabled (FLUX's single blocks break its backward unless coatflux's hook is installed; "
+                 "--allow-cudnn-attention installs it)")
     elif disabled:
         text += "; " + ", ".join(disabled) + " disabled"
     return text

@@ -362,8 +362,9 @@ class ModelConfig:
     quantize: bool = _spec(False, _bool)
     qtype: str = _spec("qfloat8", _str)
     dtype: str = _spec("float16", _dtype)
-    # coatflux's own key: keep PyTorch's cuDNN attention backend (off by default, see coatflux.flux.attention)
-    cudnn_attention: bool = _spec(False, _bool)
+    # coatflux's own key: keep PyTorch's cuDNN attention backend, with the hook that makes its backward
+    # correct in FLUX; false runs flash attention instead (see coatflux.flux.attention)
+    cudnn_attention: bool = _spec(True, _bool)
     # ai-toolkit's torch.compile keys: ``compile`` turns it on, ``block_compile`` per transformer block
     # (with COAT always per block: coat.activation.compile_blocks); the rest go to torch.compile.
     compile: bool = _spec(False, _bool)

@@ -13,7 +13,9 @@ format, the web UI's progress, stop and status updates in ``DiffusionTrainer`` -
   ``coat.activation.use_fp8``, puts the frozen base linears under the LoRA on FP8 (below) and, with
   ``coat.activation.compile_blocks`` or ai-toolkit's ``model.compile``, compiles the transformer's
   blocks with COAT inside them (ai-toolkit's own compilation, which runs after this hook, is then
-  switched off for the process).
+  switched off for the process). Before that, a FLUX transformer's attention modules are hooked so
+  that PyTorch's cuDNN attention, its choice on Hopper, computes correct gradients in FLUX
+  (:mod:`coatflux.flux.attention`).
 
 Why subclasses built at import time inside ai-toolkit rather than classes defined here: ai-toolkit
 is not a package we can depend on, so its classes exist only in its own process; a class factory
@@ -201,6 +203,7 @@ class COATProcessMixin:
     def hook_add_extra_train_params(self, params: list) -> list:
         params = super().hook_add_extra_train_params(params)
         self._route_optimizer_settings()
+        self._keep_flux_attention_correct()
         if self.coat_config.enabled and self.coat_config.activation.use_fp8:
             self._put_bases_on_fp8()
         return params
@@ -217,6 +220,23 @@ class COATProcessMixin:
                               "settings in the process's coat.optimizer block instead")
         options[FP8_PARAMS_KEY] = self.coat_config.optimizer
         self.train_config.optimizer_params = options
+
+    def _keep_flux_attention_correct(self) -> None:
+        """Hook a FLUX transformer's attention so cuDNN's attention backward is correct in it.
+
+        PyTorch picks cuDNN's attention on Hopper, and ai-toolkit does not turn it off; without the
+        hook FLUX's backward there faults or, silently, computes wrong gradients
+        (:mod:`coatflux.flux.attention`). Before :meth:`_put_bases_on_fp8`, which may compile the
+        blocks. Other architectures are left alone.
+        """
+        from coatflux.flux.attention import keep_attention_grads_contiguous
+
+        transformer = self.sd.unet
+        if getattr(transformer, "single_transformer_blocks", None) is None:
+            return
+        count = keep_attention_grads_contiguous(transformer)
+        say(f"FLUX: the gradients of {count} attention modules are made contiguous, so that PyTorch's "
+            "cuDNN attention backward is correct in FLUX (coatflux.flux.attention)")
 
     def _put_bases_on_fp8(self) -> None:
         if getattr(self, "network", None) is None:
