@@ -10,11 +10,11 @@ A backend that fails says how, and the others still run.
 
 Why: on an H100 (2026-11-27, `docs/runs/h100-2026-11-27-0114.md`) FlashAttention-2's kernels took
 170 ms of compiled COAT's 490 ms step at 1024 px, about 263 TFLOP/s, a third of the card's
-measured bf16 matmul rate. The trainer and the bench turn PyTorch's cuDNN backend off because
-its backward failed on an H200 (torch 2.11 + CUDA 13) and left the process unable to use CUDA
-(`coatflux/flux/attention.py`). Whether it works on another card or build, and what it would
-save, is measured here: each backend in a process of its own, so a failure of that kind cannot
-spoil the others' figures.
+measured bf16 matmul rate. PyTorch's cuDNN backend is faster, but in FLUX its backward failed
+on an H200 (torch 2.11 + CUDA 13) and left the process unable to use CUDA; the layouts below
+showed why (2026-11-27 06:10, `docs/runs/h200-2026-11-27-0610-attention.log`,
+`coatflux/flux/attention.py`). Each backend runs in a process of its own, so a failure of that
+kind cannot spoil the others' figures.
 
 Layouts (``--layouts``, run in the order given, in one process per backend): the same values
 with the strides each place hands SDPA. ``contiguous``: q, k, v and the output gradient as

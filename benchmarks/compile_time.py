@@ -110,7 +110,7 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"machine: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
           f"preset {args.preset} with {args.double}+{args.single} blocks at {args.resolution} px", flush=True)
-    with attention_policy(allow_cudnn=False):  # as the bench: cuDNN's attention backward fails on an H200
+    with attention_policy(allow_cudnn=False):  # as the bench's default; no attention hook installed here
         for name in args.configs:
             measure(name, args, device)
 

@@ -1,34 +1,30 @@
 #!/usr/bin/env bash
-# The one GPU command of a session: FLUX's attention per SDPA backend and layout, then the bench at
-# 1024 px with cuDNN attention if it is sound in FLUX's layouts, then the GPU tests of the FP8 GEMM
-# and of the hooked FLUX on cuDNN.
+# The one GPU command of a session: FLUX's attention on flash and cuDNN in the hooked layouts, then
+# the bench at 1024 px (bf16 with flash; every recipe with cuDNN and the hook if that check
+# passed), then the GPU tests of the FP8 GEMM and of the hooked FLUX on cuDNN.
 #
 # Run from the repository root on a CUDA box whose python3 has torch (+CUDA, Triton), transformers, peft,
 # safetensors and huggingface_hub but not diffusers: the wheels listed in scripts/gpu_wheels.txt
 # travel in .whl/. Device call: carry [".whl"] on EVERY call (a carry list without it removes .whl/
 # on the machine), timeout_s 575. At most 8 files come back, so $OUT (default /tmp/coatflux_out) gets
-# seven: env.txt, attention.{log,json}, bench.log (every bench's log), bench_flash.json and
-# bench.json (or bench512.json), gpu_tests.log. Render a JSON's markdown here with
-# `coatflux bench --render FILE.json --markdown FILE.md`.
+# seven: env.txt, attention.{log,json}, bench.log (every bench's log), bench_flash.json,
+# bench.json, gpu_tests.log (the 512 stage: bench512_flash.json, bench512.json, bench.log). Render
+# the JSONs' markdown here with `coatflux bench --render A.json B.json ... --markdown FILE.md`.
 #
-# What the last run (H200, 2026-11-27 04:44, docs/runs/h200-2026-11-27-0444*) taught, and what this
-# one does:
-# * 1024 px, ten steps: bf16 0.547 s / 53.9 GiB, compiled COAT with CUDA graphs 0.465 s / 26.5 GiB,
-#   compiled torchao 0.485 s / 51.5 GiB, compiled bf16 with graphs 0.441 s. FlashAttention-2 is
-#   175 ms of COAT's step; cuDNN's attention alone ran FLUX's shape in 1.69 ms against flash's
-#   3.25 ms, correct (contiguous tensors), but in the model its backward hit an illegal memory
-#   access. The likely cause (coatflux/flux/attention.py): PyTorch caches cuDNN's backward graph by
-#   the q/k/v strides only, and FLUX's single blocks hand SDPA a gradient with other strides than the
-#   double blocks do. First the attention script checks that in isolation: cuDNN with the single
-#   block's gradient, then the double block's (the order of a FLUX backward), expected to fail; then
-#   with the gradient made contiguous (what keep_attention_grads_contiguous does), expected to pass.
-# * If that passes, the bench runs bf16 (FlashAttention, the baseline as users run it), then bf16,
-#   compiled COAT and compiled bf16 (both with CUDA graphs) with cuDNN allowed, COAT profiled.
-#   If it fails, the bench runs the 512 px rows instead (flash), unmeasured on the current code.
-# * The compile cache (.cache/compile-cache.bin) was 102 MB at 1024 px: too big to come back from
-#   the machine, so it only helps a second stage on the same warm machine. COAT's first step
-#   compiles for ~110 s on an H200, torchao ~42 s, compiled bf16 ~30 s.
-# Expected wall time: env <= 15 s, attention <= 60 s, benches <= 400 s, tests <= 60 s.
+# What the last session (H200, 2026-11-27 06:10-06:24, docs/runs/h200-2026-11-27-06*) taught, and
+# what this run does:
+# * cuDNN's attention breaks FLUX's backward unless coatflux's hook makes the attention gradients
+#   contiguous (coatflux/flux/attention.py): confirmed in isolation, and with the hook it ran FLUX's
+#   attention 1.85x faster than flash. 1024 px with cuDNN: bf16 0.504 s, compiled COAT with CUDA
+#   graphs 0.376 s / 26.6 GiB, compiled bf16 0.364 s; bf16 with flash 0.556 s.
+# * The checkpointing and torchao rows have not run with cuDNN yet. This run measures every 1024 px
+#   recipe in one process with cuDNN and the hook (the trainer's default), COAT profiled, after
+#   bf16 with flash (the bench's default) as the other baseline; first a short check that cuDNN is
+#   still correct in FLUX's layouts with the hook, and the bench with flash only if it is not.
+# * The compile cache (.cache/compile-cache.bin) is too big to come back from the machine (64-102
+#   MB), so it only helps a second stage on the same warm machine. First steps on an H200: COAT
+#   ~120 s, torchao ~42 s, compiled bf16 ~33 s.
+# Expected wall time: env <= 15 s, attention <= 40 s, benches <= 390 s, tests <= 60 s.
 set -u -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
@@ -57,34 +53,33 @@ bench() {
 }
 
 # Second stage, for the minutes a session has left on the warm machine (device call:
-# "OUT=$OUT bash scripts/gpu_check.sh 512", carry [".whl"], timeout_s 240).
+# "OUT=$OUT bash scripts/gpu_check.sh 512", carry [".whl"], timeout_s 240): bf16 with flash, then
+# bf16, compiled COAT and compiled bf16 with cuDNN and the hook.
 if [ "${1:-}" = "512" ]; then
-  bench bench512 220 --resolutions 512 --configs bf16 coat-compiled+cudagraphs bf16-compiled+cudagraphs --budget-s 200
+  bench bench512_flash 40 --resolutions 512 --configs bf16 --budget-s 30
+  bench bench512 190 --resolutions 512 --allow-cudnn-attention --configs bf16 coat-compiled+cudagraphs \
+    bf16-compiled+cudagraphs --budget-s 180
   exit 0
 fi
 
-attention() {  # attention JSON ARGS...: both runs' output goes to attention.log
-  local json=$1
-  shift
-  timeout 40 python3 benchmarks/attention_backends.py --repeats 20 --child-timeout 15 --json "$json" "$@" 2>&1 \
-    | tee -a "$OUT/attention.log"
-}
-attention /tmp/attention_bug.json --backends cudnn --layouts flux-single flux-double
-attention "$OUT/attention.json" --backends flash cudnn --layouts flux-single-fixed flux-double flux-single
+timeout 40 python3 benchmarks/attention_backends.py --repeats 20 --child-timeout 15 --json "$OUT/attention.json" \
+  --backends flash cudnn --layouts flux-single-fixed flux-double 2>&1 | tee "$OUT/attention.log"
 
+bench bench_flash 60 --resolutions 1024 --configs bf16 --budget-s 50
 if python3 - "$OUT/attention.json" <<'EOF'
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["backend"] == "cudnn"]
-sys.exit(0 if rows and all("error" not in r and min(r["sqnr_db"].values()) > 40 for r in rows[:2]) else 1)
+sys.exit(0 if len(rows) == 2 and all("error" not in r and min(r["sqnr_db"].values()) > 40 for r in rows) else 1)
 EOF
 then
-  bench bench_flash 60 --resolutions 1024 --configs bf16 --budget-s 50
-  TORCH_LOGS=recompiles bench bench 330 --resolutions 1024 --allow-cudnn-attention \
-    --configs bf16 coat-compiled+cudagraphs bf16-compiled+cudagraphs --profile coat-compiled+cudagraphs --budget-s 310
+  CUDNN=--allow-cudnn-attention
 else
-  echo "cuDNN attention failed or was inaccurate in FLUX's layouts: 512 px rows with FlashAttention instead" | tee -a "$OUT/bench.log"
-  bench bench512 330 --resolutions 512 --configs bf16 coat-compiled+cudagraphs bf16-compiled+cudagraphs --budget-s 310
+  CUDNN=
+  echo "cuDNN attention failed or was inaccurate in FLUX's layouts with the hook: the bench runs with flash" \
+    | tee -a "$OUT/bench.log"
 fi
+TORCH_LOGS=recompiles bench bench 330 --resolutions 1024 $CUDNN --configs bf16 bf16+ckpt coat-compiled+cudagraphs \
+  torchao-compiled bf16-compiled+cudagraphs --profile coat-compiled+cudagraphs --budget-s 310
 
 # The FP8 GEMM's tests, then the hooked tiny FLUX through cuDNN's attention against flash (last:
 # a cuDNN fault would spoil the process for anything after it).
