@@ -45,7 +45,7 @@ from torch import nn
 def attention_policy(allow_cudnn: bool) -> Iterator[None]:
     """Disable the cuDNN SDPA backend for the enclosed code unless ``allow_cudnn``; restore it after.
 
-    Allow cuDNN only for a FLUX transformer hooked by :func:`keep_attention_grads_contiguous`.
+    For FLUX, allow cuDNN only once the transformer is hooked by :func:`keep_attention_grads_contiguous`.
     """
     toggle = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)
     if toggle is None or allow_cudnn:
