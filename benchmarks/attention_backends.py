@@ -95,7 +95,7 @@ def in_layout(layout: str, q, k, v, grad) -> tuple[torch.Tensor, ...]:
     if layout == "flux-single":
         return q, k, v, _column_slice(grad)
     if layout == "flux-single-fixed":
-        return q, k, v, _column_slice(grad).transpose(1, 2).contiguous().transpose(1, 2)
+        return q, k, v, _tokens_major(_column_slice(grad))  # what .contiguous() on the block's output gives
     raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
 
 
