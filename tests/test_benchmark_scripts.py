@@ -61,3 +61,55 @@ def test_attention_layouts_keep_the_values_and_set_the_strides(layout) -> None:
     expected = {"contiguous": (84, 28, 4, 1), "flux-double": tokens_major,
                 "flux-single": (7 * 5 * 12, 4, 5 * 12, 1), "flux-single-fixed": tokens_major}[layout]
     assert grad.stride() == expected
+
+
+def _kernel_sass():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import kernel_sass
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return kernel_sass
+
+
+# The shape of inductor's wrapper code that kernel_sass.py reads (torch 2.13): kernels defined by
+# async_compile.triton, launched by .run with their element counts last, sizes as symbols.
+_WRAPPER = """
+triton_poi_fused_add_0 = async_compile.triton('triton_poi_fused_add_0', '''
+@triton.jit
+def triton_poi_fused_add_0(in_ptr0, out_ptr0, xnumel, XBLOCK : tl.constexpr):
+    pass
+''', device_str='cpu')
+triton_red_fused_amax_1 = async_compile.triton('triton_red_fused_amax_1', '''
+@triton.jit
+def triton_red_fused_amax_1(in_ptr0, out_ptr0, xnumel, r0_numel, XBLOCK : tl.constexpr, R0_BLOCK : tl.constexpr):
+    pass
+''', device_str='cpu')
+def call(self, args):
+        triton_poi_fused_add_0_xnumel = 3072*s31
+        triton_poi_fused_add_0.run(buf0, buf1, triton_poi_fused_add_0_xnumel, stream=raw_streamNone)
+        triton_red_fused_amax_1.run(buf1, buf2, s31, 3072, stream=raw_streamNone)
+        triton_poi_fused_add_0.run(buf2, buf3, 16, stream=raw_streamNone)
+# hint: s31 4608
+"""
+
+
+def test_kernel_sass_reads_each_kernels_elements_from_the_wrapper() -> None:
+    kernel_sass = _kernel_sass()
+    assert set(kernel_sass.kernel_sources(_WRAPPER)) == {"triton_poi_fused_add_0", "triton_red_fused_amax_1"}
+    assert kernel_sass.call_elements(_WRAPPER) == {
+        "triton_poi_fused_add_0": (3072 * 4608 + 16, 2),  # two launches, summed
+        "triton_red_fused_amax_1": (4608 * 3072, 1),  # rows x reduction length
+    }
+
+
+def test_kernel_sass_counts_the_longest_loop() -> None:
+    kernel_sass = _kernel_sass()
+    listing = [(0x00, "MOV R1, c[0x0][0x28]"), (0x10, "S2R R0, SR_TID.X"),
+               (0x20, "LDG.E R2, desc[UR4][R4.64]"), (0x30, "FMUL R2, R2, R2"),
+               (0x40, "@P1 BRA 0x30"),  # an inner loop: 0x30..0x40
+               (0x50, "IADD3 R4, R4, 0x1, RZ"),
+               (0x60, "@P0 BRA 0x20"),  # the outer loop: 0x20..0x60
+               (0x70, "EXIT")]
+    assert [address for address, _ in kernel_sass._loop_body(listing)] == [0x20, 0x30, 0x40, 0x50, 0x60]
+    assert kernel_sass._loop_body([(0x00, "BRA 0x10"), (0x10, "EXIT")]) is None  # forward branches only
