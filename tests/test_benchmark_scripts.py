@@ -113,3 +113,19 @@ def test_kernel_sass_counts_the_longest_loop() -> None:
                (0x70, "EXIT")]
     assert [address for address, _ in kernel_sass._loop_body(listing)] == [0x20, 0x30, 0x40, 0x50, 0x60]
     assert kernel_sass._loop_body([(0x00, "BRA 0x10"), (0x10, "EXIT")]) is None  # forward branches only
+
+
+def test_scale_fusion_times_every_formulation_and_checks_their_codes(tmp_path) -> None:
+    import json
+
+    out = tmp_path / "scale_fusion.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "scale_fusion.py"), "--device", "cpu", "--tokens", "16",
+         "--width", "512", "--wide", "640", "--repeats", "1", "--chunks", "256", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bf16", "coat-row", "coat-chunk-256"}
+    for name in ("coat-row", "coat-chunk-256"):
+        assert rows[name]["ms"] > 0
+        assert 20 < rows[name]["sqnr_db"] < 40  # E5M2 codes of the gradient: about 25 dB, not exact

@@ -214,3 +214,17 @@ def test_scale_divided_in_fp64_is_the_fp32_quotient():
         exact = amax / fmt.max
         via_fp64 = (amax.double() / torch.tensor(fmt.max, dtype=torch.float32).double()).float()
         assert torch.equal(exact.view(torch.int32), via_fp64.view(torch.int32))
+
+
+@pytest.mark.parametrize("width", [1024, 1000])  # a multiple of the chunk, and not (maxima per row then)
+def test_tensor_scale_ops_gives_the_same_scale_and_codes_by_chunk_or_by_row(width):
+    gen = torch.Generator().manual_seed(width)
+    x = (torch.randn(33, width, generator=gen) * torch.exp2(torch.randint(-8, 8, (33, width), generator=gen).float()))
+    x = x.to(torch.bfloat16)
+    x[3, 7] = float("inf")  # not finite: left out of the maximum either way
+    by_row = quant.tensor_scale_ops(x, "e5m2")
+    by_chunk = quant.tensor_scale_ops(x, "e5m2", chunk=256)
+    assert torch.equal(by_chunk[1], by_row[1])
+    assert torch.equal(by_chunk[0].view(torch.uint8), by_row[0].view(torch.uint8))
+    reference = formats.quantize_reference(x, "e5m2", "tensor")
+    assert torch.equal(by_row[1], reference.scale.reshape(()))

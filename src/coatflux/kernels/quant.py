@@ -256,7 +256,7 @@ def group_pow2_values_ops(rows: torch.Tensor, exponent: torch.Tensor, group: int
     return _dequantize_group_fn(group, dtype)(rows, exponent)
 
 
-def tensor_scale_ops(x: torch.Tensor, fmt: str | FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
+def tensor_scale_ops(x: torch.Tensor, fmt: str | FP8Format, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-tensor quantizer's operations, uncompiled: ``(codes shaped like x, fp32 scale)``.
 
     For code that is itself being compiled (the FP8 linear in a compiled block), so ``x`` is a
@@ -267,15 +267,33 @@ def tensor_scale_ops(x: torch.Tensor, fmt: str | FP8Format) -> tuple[torch.Tenso
     whole-tensor ``amax`` (which inductor splits its own way) match no producer, and were a
     separate read of every linear input and output gradient (``benchmarks/kernel_launches.py``:
     5.0 of 92.5 GB fewer bytes per FLUX.1-dev step at 512 px). The second reduction is over one value per
-    row. The scale is the reference's bit for bit (a maximum does not depend on its order; the
-    division as in :func:`_codes_and_scale`); the codes' division follows the enclosing graph's
-    inductor options, so a code may differ from the reference's in a last-bit tie (the compiled
-    paths' SQNR tests allow it); :func:`quantize_tensor` is the byte-exact entry point. (A tensor
+    row. The scale is the reference's for the values inductor computes (a maximum does not depend
+    on its order; the division as in :func:`_codes_and_scale`), but where the maximum and the codes
+    are fused into the kernel of a bf16 producer, inductor takes them from the producer's unrounded
+    fp32 values, so the scale and some codes can differ from eager's by that bf16 rounding
+    (``benchmarks/scale_fusion.py`` shows it); the codes' division also follows the enclosing
+    graph's inductor options. The compiled paths' SQNR tests allow both;
+    :func:`quantize_tensor` is the byte-exact entry point. (A tensor
     made for it inside a custom autograd function's backward fails to trace with dynamic shapes
     in torch 2.13.)
+
+    ``chunk`` takes the first maxima over chunks of that many elements of each row instead, where
+    the row's width is a static multiple of it (per row otherwise; the scale is the same). A wide
+    row's maximum makes its producer a looped reduction kernel; chunks make it a reduction without
+    a loop, which inductor does not fuse with the producer. Which is faster is a GPU's question:
+    ``benchmarks/scale_fusion.py`` times both.
     """
     fmt = get_format(fmt)
-    return _codes_and_scale(x, _finite_abs(x).amax(dim=-1).amax(), _format_max(fmt), fmt)
+    return _codes_and_scale(x, _partial_maxima(x, chunk).amax(), _format_max(fmt), fmt)
+
+
+def _partial_maxima(x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """The maxima of ``x``'s finite magnitudes per row, or per ``chunk`` elements of a row."""
+    magnitude = _finite_abs(x)
+    width = x.shape[-1]
+    if chunk is not None and isinstance(width, int) and width % chunk == 0:
+        magnitude = magnitude.reshape(*x.shape[:-1], width // chunk, chunk)
+    return magnitude.amax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
