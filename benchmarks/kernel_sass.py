@@ -14,13 +14,16 @@ SM) at ``--clock-ghz``.
 Why: on the H200 (2026-11-27 06:10) the compiled COAT step spent 101 ms in inductor's kernels
 against 55 ms for compiled bf16, while the bytes they move bound that time from below at about a
 quarter of it. The single block's GELU backward took 0.37 ms per call for some 290 MB, about five
-times its bandwidth bound: the kernels are limited by the instructions they issue, which a CPU
-can count. Not a time: a lower bound on one (no stall, no memory wait, no launch), to compare
-formulations of the same kernel and to rank kernels, before GPU time is spent on them.
+times its bandwidth bound: if the kernels are limited by the instructions they issue, a CPU can
+count them. Not a time: what the instructions would take at the full issue rate (no stall, no
+memory wait, no launch), to compare formulations of the same kernel and to rank kernels before
+GPU time is spent on them. Against the H200's profile of 2026-11-27 06:10, five of the largest
+kernels took 0.46x to 3.8x their count (``docs/benchmarks-notes.md``): neither a bound nor a
+prediction of any one kernel.
 
 How, and what it does not see: the code is what inductor writes for a CPU device
 (``cpu_backend="triton"``), whose heuristics pick the first of their configurations rather than
-autotuning (a GPU may choose other block sizes) and store a reused ``tanh`` where a GPU would
+autotuning (a GPU may choose other block sizes; the least count over them is taken) and store a reused ``tanh`` where a GPU would
 recompute it (see ``kernel_launches.py``). The loop body is the longest backward branch's range;
 a kernel whose loop ``ptxas`` unrolled counts as having none.
 
@@ -205,7 +208,7 @@ def main() -> None:
     codes = _generate_only()
     issue_rate = args.sms * 4 * args.clock_ghz * 1e9
     print(f"kernel_sass: {platform.machine()}, torch {torch.__version__}, Triton {triton.__version__} for sm_90, "
-          f"FLUX.1-dev width, LoRA rank 16, {args.resolution} px, batch 1; issue bound at {args.sms} SMs x 4 "
+          f"FLUX.1-dev width, LoRA rank 16, {args.resolution} px, batch 1; issue rate of {args.sms} SMs x 4 "
           f"schedulers x {args.clock_ghz} GHz")
     per_block = {"double": FLUX_DEV_CONFIG["num_layers"], "single": FLUX_DEV_CONFIG["num_single_layers"]}
     with tempfile.TemporaryDirectory() as scratch:
@@ -225,7 +228,7 @@ def main() -> None:
                     rows.append((kernel.per_element * kernel.elements * blocks / 32, graph, blocks, kernel))
             total = sum(row[0] for row in rows)
             print(f"{recipe}: {total / 1e9:.2f} G warp instructions per step in {len(rows)} kernels: "
-                  f"{total / issue_rate * 1e3:.1f} ms at the issue bound")
+                  f"{total / issue_rate * 1e3:.1f} ms at the issue rate")
             rows.sort(key=lambda row: -row[0])
             for warp_instructions, graph, blocks, k in rows[:args.top]:
                 print(f"  {warp_instructions / issue_rate * 1e3:6.2f} ms  {k.per_element:6.1f}/element "

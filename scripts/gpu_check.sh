@@ -20,7 +20,7 @@
 #   attention 1.85x faster than flash. 1024 px with cuDNN: bf16 0.504 s, compiled COAT with CUDA
 #   graphs 0.376 s / 26.6 GiB, compiled bf16 0.364 s; bf16 with flash 0.556 s.
 # * Since then kernels/quant._pow2 builds 2**k from its bits (int32 tensor constants): 71.5 against
-#   88.8 ms of inductor's kernels at the issue bound (benchmarks/kernel_sass.py, CPU). Its first
+#   88.8 ms of inductor's kernels at the issue rate (benchmarks/kernel_sass.py, CPU). Its first
 #   try at this, in 2026-11-26, did not compile for CUDA under torch 2.11: if it fails again, the
 #   COAT rows and test_kernels_quant.py say so.
 # * benchmarks/scale_fusion.py times the single block's GELU backward with its gradient's FP8 scale
