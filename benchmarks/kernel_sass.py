@@ -94,7 +94,7 @@ def _sass(tuner: object, config: object, tools: Path) -> list[tuple[int, str]]:
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(k),): v for k, v in constants.items() if k in fn.arg_names})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": config.num_warps, "num_stages": 1})
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
