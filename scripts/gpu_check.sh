@@ -21,7 +21,7 @@
 #   graphs 0.376 s / 26.6 GiB, compiled bf16 0.364 s; bf16 with flash 0.556 s.
 # * Since then kernels/quant._pow2 builds 2**k from its bits (int32 tensor constants): 71.5 against
 #   88.8 ms of inductor's kernels at the issue rate (benchmarks/kernel_sass.py, CPU). Its first
-#   try at this, in 2026-11-26, did not compile for CUDA under torch 2.11: if it fails again, the
+#   try at this, on 2026-11-26, did not compile for CUDA under torch 2.11: if it fails again, the
 #   COAT rows and test_kernels_quant.py say so.
 # * benchmarks/scale_fusion.py times the single block's GELU backward with its gradient's FP8 scale
 #   with the maximum per row (fused into a looped reduction kernel, now) and per chunk of 256
