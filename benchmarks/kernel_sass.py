@@ -22,10 +22,11 @@ kernels took 0.46x to 3.8x their count (``docs/benchmarks-notes.md``): neither a
 prediction of any one kernel.
 
 How, and what it does not see: the code is what inductor writes for a CPU device
-(``cpu_backend="triton"``), whose heuristics pick the first of their configurations rather than
-autotuning (a GPU may choose other block sizes; the least count over them is taken) and store a reused ``tanh`` where a GPU would
-recompute it (see ``kernel_launches.py``). The loop body is the longest backward branch's range;
-a kernel whose loop ``ptxas`` unrolled counts as having none.
+(``cpu_backend="triton"``). A GPU autotunes among the configurations inductor's heuristics offer
+(block sizes, warps); this counts each and takes the least. Inductor also stores a reused
+``tanh`` for a CPU device where a GPU recomputes it (see ``kernel_launches.py``). The loop body
+is the longest backward branch's range; a kernel whose loop ``ptxas`` unrolled counts as having
+none.
 
     pip install triton
     python benchmarks/kernel_sass.py [--resolution 1024] [--recipes coat-compiled bf16-compiled] [--top 15]
