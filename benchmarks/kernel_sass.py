@@ -62,6 +62,8 @@ class Kernel:
     looped: bool
     elements: int  # per block, summed over its calls
     calls: int
+    registers: int  # per thread, of the configuration counted
+    threads: int  # per program (thread block), of the configuration counted
 
 
 def kernel_sources(code: str) -> dict[str, str]:
@@ -80,8 +82,8 @@ def _load(name: str, source: str, folder: Path) -> object:
     return getattr(module, name)
 
 
-def _sass(tuner: object, config: object, tools: Path) -> list[tuple[int, str]]:
-    """``[(address, instruction)]`` of the tuner's kernel in this configuration, on sm_90."""
+def _sass(tuner: object, config: object, tools: Path) -> tuple[list[tuple[int, str]], int]:
+    """``([(address, instruction)], registers per thread)`` of the tuner's kernel in this configuration, on sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -101,7 +103,10 @@ def _sass(tuner: object, config: object, tools: Path) -> list[tuple[int, str]]:
         cubin.flush()
         listing = subprocess.run([str(tools / "cuobjdump"), "-sass", cubin.name], capture_output=True, text=True,
                                  check=True).stdout
-    return [(int(a, 16), op) for a, op in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", listing, re.M)]
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    instructions = [(int(a, 16), op) for a, op in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", listing, re.M)]
+    return instructions, int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 def _loop_body(instructions: list[tuple[int, str]]) -> list[tuple[int, str]] | None:
@@ -116,8 +121,9 @@ def _loop_body(instructions: list[tuple[int, str]]) -> list[tuple[int, str]] | N
     return best
 
 
-def per_element(name: str, source: str, tuner: object, tools: Path) -> tuple[float, bool]:
-    """SASS instructions one element costs in this kernel, and whether they were counted in a loop.
+def per_element(name: str, source: str, tuner: object, tools: Path) -> tuple[float, bool, int, int]:
+    """SASS instructions one element costs in this kernel, whether they were counted in a loop, and
+    the registers per thread and threads per program of the configuration counted.
 
     The least over the configurations inductor's heuristics offer: a GPU autotunes among them (a
     CPU device takes the first), and the cheapest in instructions is the likeliest winner.
@@ -126,7 +132,7 @@ def per_element(name: str, source: str, tuner: object, tools: Path) -> tuple[flo
     fixed_rows = re.search(r"^\s+r0_numel = (\d+)$", source, re.M)
     costs = []
     for config in tuner.configs:
-        instructions = _sass(tuner, config, tools)
+        instructions, registers = _sass(tuner, config, tools)
         blocks = {**config.kwargs, **{key: int(size) for key, size in fixed_blocks}}  # a persistent R0_BLOCK
         per_program = 1
         for key in _BLOCK_KEYS:
@@ -135,7 +141,8 @@ def per_element(name: str, source: str, tuner: object, tools: Path) -> tuple[flo
         if body is None and name.startswith("triton_red"):  # a loop ptxas unrolled: the program covers whole rows
             per_program = blocks.get("XBLOCK", 1) * (int(fixed_rows.group(1)) if fixed_rows else blocks.get("R0_BLOCK", 1))
         counted = body if body is not None else instructions
-        costs.append((len(counted) * 32 * config.num_warps / per_program, body is not None))
+        costs.append((len(counted) * 32 * config.num_warps / per_program, body is not None, registers,
+                      32 * config.num_warps))
     return min(costs)
 
 
@@ -186,9 +193,9 @@ def analyse(code: str, folder: Path, tools: Path) -> list[Kernel]:
     launches = call_elements(code)
     kernels = []
     for name, source in kernel_sources(code).items():
-        cost, looped = per_element(name, source, _load(name, source, folder), tools)
+        cost, looped, registers, threads = per_element(name, source, _load(name, source, folder), tools)
         elements, calls = launches.get(name, (0, 0))
-        kernels.append(Kernel(name, cost, looped, elements, calls))
+        kernels.append(Kernel(name, cost, looped, elements, calls, registers, threads))
     return kernels
 
 
@@ -233,8 +240,8 @@ def main() -> None:
             rows.sort(key=lambda row: -row[0])
             for warp_instructions, graph, blocks, k in rows[:args.top]:
                 print(f"  {warp_instructions / issue_rate * 1e3:6.2f} ms  {k.per_element:6.1f}/element "
-                      f"({'loop' if k.looped else 'whole'})  {k.elements / 1e6:7.1f} M elements x {k.calls} "
-                      f"call(s) x {blocks} blocks  {graph}: {k.name}")
+                      f"({'loop' if k.looped else 'whole'}, {k.registers} registers x {k.threads} threads)  "
+                      f"{k.elements / 1e6:7.1f} M elements x {k.calls} call(s) x {blocks} blocks  {graph}: {k.name}")
 
 
 if __name__ == "__main__":
