@@ -140,10 +140,12 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
     of a compiled FLUX step): the single block's GELU backward went from 104 to 74.5 SASS
     instructions per element (``benchmarks/kernel_sass.py``).
 
-    Every constant is an int32 tensor (``full_like``), not a Python number: inductor's Triton code
-    for torch 2.11 typed the Python ``23`` of ``x << 23`` as int64, carried the result as int64 and
-    Triton refused the 32-bit bitcast ("Cannot bitcast data-type of size 64 to data-type of size
-    32"); a tensor-by-tensor product of two int32 tensors stays int32. Chosen against ``exp2`` and
+    Every constant is an int32 tensor (``full_like``), not a Python number: an earlier version,
+    ``(exponent + 127).clamp(0, 254) << 23``, failed to compile on an H200 under torch 2.11 (the
+    integer reached Triton as int64: "Cannot bitcast data-type of size 64 to data-type of size
+    32"), and a product of two int32 tensors leaves nothing to widen. This one compiles for
+    ``sm_90`` with torch 2.11's inductor and Triton 3.6 on a CPU, but so did the earlier one there;
+    the GPU tests of ``tests/test_kernels_quant.py`` are the check. Chosen against ``exp2`` and
     ``ldexp``, whose CUDA implementations do not promise exact results.
     """
     k = exponent.to(torch.int32)
