@@ -39,6 +39,7 @@ from collections.abc import Callable
 import torch
 
 from coatflux.core.compiled import coat_compile_options
+from coatflux.core.formats import sqnr_db
 from coatflux.kernels.quant import group_pow2_ops, group_pow2_values_ops, tensor_scale_ops
 
 GROUP = 16  # COAT's per-group size for saved activations (ActivationConfig.group_size)
@@ -80,11 +81,6 @@ def time_call(fn: Callable, args: tuple, repeats: int, device: torch.device) -> 
             fn(*args)
             times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
-
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    noise = (reference - approx).pow(2).sum()
-    return float(10 * torch.log10(reference.pow(2).sum() / noise.clamp_min(1e-30)))
 
 
 def moved_bytes(args: tuple, out: object) -> int:

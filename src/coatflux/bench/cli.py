@@ -37,8 +37,13 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from coatflux.bench.model import StepFlops
+    from coatflux.bench.report import Report
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +423,8 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_run(path: str):  # -> (Report, flops per resolution)
+def _saved_run(path: str) -> tuple[Report, dict[int, StepFlops]]:
+    """A saved JSON report and the step FLOPs of its resolutions, checked as it is read."""
     import json
     from pathlib import Path
 
