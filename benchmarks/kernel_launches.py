@@ -162,7 +162,8 @@ def _run(recipe: str, resolution: int, plain_below: int | None, codes: list[str]
 def _count(code: str) -> tuple[int, int]:
     call = code[code.find("def call("):]
     launches = len(re.findall(r"^\s+triton_\w+\.run\(", call, re.M))
-    extern = len(re.findall(r"^\s+(?:\w+ = )?(?:extern_kernels\.\w+|torch\.ops\.\w+\.\w+)\(", call, re.M))
+    # extern_kernels.mm(...), and operators called by name: torch.ops.aten._scaled_dot_product_...default(...)
+    extern = len(re.findall(r"^\s+(?:\w+ = )?(?:extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(", call, re.M))
     return launches, extern
 
 

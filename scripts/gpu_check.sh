@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one GPU command of a session: the GELU backward's scale formulations timed alone, FLUX's
-# attention on flash and cuDNN in the hooked layouts, then the bench at 1024 px (bf16 with flash;
+# The one GPU command of a session: the GELU backward's scale formulations timed alone, FLUX's FP8
+# GEMMs with and without fast accumulation, FLUX's attention on flash and cuDNN in the hooked layouts, then the bench at 1024 px (bf16 with flash;
 # every recipe with cuDNN and the hook if that check passed), then the GPU tests of the FP8 GEMM
 # and of the compiled quantizers.
 #
@@ -26,6 +26,11 @@
 # * benchmarks/scale_fusion.py times the single block's GELU backward with its gradient's FP8 scale
 #   with the maximum per row (fused into a looped reduction kernel, now) and per chunk of 256
 #   (a separate reduction): 0.37 ms per call at 06:10 against 0.105 on the H100 before the fusion.
+# * Since then the compiled blocks add the LoRA up-projection into the FP8 GEMM's output in place
+#   (coatflux::lora_addmm_): 418 of the 494 memcpy128 copies of the 06:10 profile (7.1 ms in all)
+#   should be gone from the COAT profile.
+# * benchmarks/fp8_accumulation.py times every FP8 GEMM shape of the step with use_fast_accum off
+#   (what the FP8 linear runs) and on, with the error of each: data for deciding whether to offer it.
 # * The checkpointing and torchao rows have not run with cuDNN yet. This run measures every 1024 px
 #   recipe in one process with cuDNN and the hook (the trainer's default), COAT profiled, after
 #   bf16 with flash (the bench's default) as the other baseline; first a short check that cuDNN is
@@ -33,8 +38,8 @@
 # * The compile cache (.cache/compile-cache.bin) is too big to come back from the machine (64-102
 #   MB), so it only helps a second stage on the same warm machine. First steps on an H200: COAT
 #   ~120 s, torchao ~42 s, compiled bf16 ~33 s.
-# Expected wall time: env <= 15 s, scale_fusion <= 60 s, attention <= 40 s, benches <= 380 s,
-# tests <= 75 s.
+# Expected wall time: env <= 15 s, scale_fusion <= 55 s, fp8_accumulation <= 30 s, attention <= 40 s,
+# benches <= 380 s, tests <= 70 s (590 s at most, in a 595 s device call).
 set -u -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
@@ -72,8 +77,11 @@ if [ "${1:-}" = "512" ]; then
   exit 0
 fi
 
-timeout 60 python3 benchmarks/scale_fusion.py --repeats 30 --chunks 256 --json "$OUT/scale_fusion.json" 2>&1 \
+timeout 55 python3 benchmarks/scale_fusion.py --repeats 30 --chunks 256 --json "$OUT/scale_fusion.json" 2>&1 \
   | tee -a "$OUT/bench.log"
+
+# fast accumulation in FLUX's FP8 GEMM shapes: time and error (its table goes to bench.log only)
+timeout 30 python3 benchmarks/fp8_accumulation.py --repeats 20 2>&1 | tee -a "$OUT/bench.log"
 
 timeout 40 python3 benchmarks/attention_backends.py --repeats 20 --child-timeout 15 --json "$OUT/attention.json" \
   --backends flash cudnn --layouts flux-single-fixed flux-double 2>&1 | tee "$OUT/attention.log"
@@ -96,6 +104,6 @@ TORCH_LOGS=recompiles bench bench 320 --resolutions 1024 $CUDNN --configs bf16 b
 
 # The FP8 GEMM's tests, then the compiled quantizers' against the reference byte for byte (the
 # hooked tiny FLUX on cuDNN passed at 06:10 and is left out for time).
-timeout 75 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short tests/test_linear.py \
+timeout 70 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short tests/test_linear.py \
   tests/test_kernels_quant.py 2>&1 | tee "$OUT/gpu_tests.log"
 echo "GPU tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +27,6 @@ def test_flux_block_memory_runs_and_coat_saves_less_than_bf16() -> None:
 
 
 def test_attention_backends_measures_each_backend_in_its_own_process(tmp_path) -> None:
-    import json
-
     out = tmp_path / "attention.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "attention_backends.py"), "--device", "cpu", "--backends", "flash",
@@ -63,13 +63,16 @@ def test_attention_layouts_keep_the_values_and_set_the_strides(layout) -> None:
     assert grad.stride() == expected
 
 
-def _kernel_sass():
+def _benchmark(name: str):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import kernel_sass
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    return kernel_sass
+
+
+def _kernel_sass():
+    return _benchmark("kernel_sass")
 
 
 # The shape of inductor's wrapper code that kernel_sass.py reads (torch 2.13): kernels defined by
@@ -103,6 +106,15 @@ def test_kernel_sass_reads_each_kernels_elements_from_the_wrapper() -> None:
     }
 
 
+def test_kernel_launches_counts_extern_calls_and_operators_called_by_name() -> None:
+    call = _WRAPPER + """\
+        extern_kernels.mm(buf0, buf1, out=buf2)
+        buf3 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(buf2, buf2, buf2)
+        torch.ops.coatflux.lora_addmm_.default(buf2, buf4, buf5, 1.0)
+"""
+    assert _benchmark("kernel_launches")._count(call) == (3, 3)
+
+
 def test_kernel_sass_counts_the_longest_loop() -> None:
     kernel_sass = _kernel_sass()
     listing = [(0x00, "MOV R1, c[0x0][0x28]"), (0x10, "S2R R0, SR_TID.X"),
@@ -116,8 +128,6 @@ def test_kernel_sass_counts_the_longest_loop() -> None:
 
 
 def test_scale_fusion_times_every_formulation_and_checks_their_codes(tmp_path) -> None:
-    import json
-
     out = tmp_path / "scale_fusion.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "scale_fusion.py"), "--device", "cpu", "--tokens", "16",
@@ -129,3 +139,20 @@ def test_scale_fusion_times_every_formulation_and_checks_their_codes(tmp_path) -
     for name in ("coat-row", "coat-chunk-256"):
         assert rows[name]["ms"] > 0
         assert 20 < rows[name]["sqnr_db"] < 40  # E5M2 codes of the gradient: about 25 dB, not exact
+
+
+def test_fp8_accumulation_covers_every_flux_gemm_shape_both_ways(tmp_path) -> None:
+    out = tmp_path / "accumulation.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "fp8_accumulation.py"), "--device", "cpu", "--width", "32",
+         "--resolution", "64", "--repeats", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    # 9 shapes: 3 double-block image, 3 double-block text, 3 single-block; each forward and input grad
+    assert len(report["rows"]) == 18
+    assert sum(row["per_step"] for row in report["rows"]) == 2 * (19 * 12 + 38 * 5)  # FP8 linears per step
+    for row in report["rows"]:
+        assert row["ms_precise"] > 0 and row["ms_fast"] > 0
+        assert row["sqnr_precise"] > 40 and row["sqnr_fast"] > 40  # against the fp32 product of the FP8 operands
+    assert "per step:" in result.stdout

@@ -140,6 +140,27 @@ def test_attention_tensors_stay_bf16_in_a_compiled_block():
     assert torch.isfinite(x.grad).all()
 
 
+def test_lora_down_projection_of_a_query_is_compressed_like_any_gemm_input():
+    """The LoRA up-projection reaches the graph as an auto-functionalized in-place op; it counts as a
+    GEMM, so the adapter's down-projection of a query is stored in FP8, not kept as attention's."""
+    torch.manual_seed(0)
+    layer = FP8Linear.from_linear(nn.Linear(64, 64, dtype=torch.bfloat16).requires_grad_(False))
+    lora_a = (torch.randn(16, 64) / 8).requires_grad_()
+    lora_b = (torch.randn(64, 16) / 8).requires_grad_()
+
+    def attention_block(x):
+        q = layer(x, lora_a, lora_b, 1.0).unflatten(-1, (4, 16)).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q)
+
+    x = torch.randn(1, 32, 64, dtype=torch.bfloat16, requires_grad=True)
+    with SavedTensorCompression(ActivationConfig(min_saved_numel=0))():
+        out = torch.compile(attention_block, backend="aot_eager", fullgraph=True)(x)
+    saved = compiled_saved_tensors(out)
+    down = [t for t in saved if tuple(t.shape) == (32, 16)]  # h = x @ lora_a.T
+    assert down and all(t.dtype == torch.float8_e4m3fn for t in down), [(t.shape, t.dtype) for t in saved]
+    assert all(t.dtype != torch.float8_e4m3fn for t in saved if t.dim() == 4)  # q stays attention's
+
+
 # --- the traced FP8 linear --------------------------------------------------------------------
 
 
@@ -189,7 +210,17 @@ def _traced_against_eager(trainable: bool, scaled_mm: bool, backend: str, device
         return [y.detach(), *grads]
 
     eager = run(layer)
-    traced = run(torch.compile(layer, backend=backend, fullgraph=True))
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    if backend == "inductor":
+        from torch._inductor.utils import run_and_get_code
+
+        traced, (forward_code, *_) = run_and_get_code(run, compiled)
+        # the LoRA up-projection (scale 0.5) accumulates into the GEMM's output in place, not through
+        # an out-of-place addmm that first copies it (an addmm of the base GEMM's bias may remain)
+        assert "torch.ops.coatflux.lora_addmm_.default(" in forward_code
+        assert "alpha=0.5" not in forward_code
+    else:
+        traced = run(compiled)
     for e, t in zip(eager, traced, strict=True):
         assert e.shape == t.shape and sqnr_db(e, t) > 30
 

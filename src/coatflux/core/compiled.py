@@ -83,6 +83,9 @@ from coatflux.core.config import ActivationConfig
 from coatflux.core.formats import E4M3, quantize
 
 _GEMM_NAMES = ("aten.mm", "aten.addmm", "aten.bmm", "aten._scaled_mm", "aten.convolution", "aten.linear")
+# In-place GEMMs, which reach the graph wrapped in ``auto_functionalized``: the LoRA up-projection
+# of :func:`coatflux.core.linear.lora_addmm_`.
+_FUNCTIONALIZED_GEMM_NAMES = ("coatflux.lora_addmm_",)
 _VIEW_NAMES = ("aten.view", "aten._unsafe_view", "aten.reshape", "aten.permute", "aten.transpose", "aten.t.",
                "aten.unsqueeze", "aten.squeeze", "aten.expand", "aten.clone", "aten.slice", "aten.select",
                "aten.alias", "aten.detach", "aten.contiguous")
@@ -116,6 +119,13 @@ def _target_is(node: fx.Node, names: tuple[str, ...]) -> bool:
     return node.op == "call_function" and str(node.target).startswith(names)
 
 
+def _is_gemm(node: fx.Node) -> bool:
+    if _target_is(node, _GEMM_NAMES):
+        return True
+    return (node.op == "call_function" and str(node.target).startswith("auto_functionalized") and bool(node.args)
+            and str(node.args[0]).startswith(_FUNCTIONALIZED_GEMM_NAMES))
+
+
 def _is_attention_op(node: fx.Node) -> bool:
     return node.op == "call_function" and "scaled_dot_product" in str(node.target)
 
@@ -132,7 +142,7 @@ def _feeds_attention(node: fx.Node, depth: int = FEED_DEPTH) -> bool:
         if any(_is_attention_op(user) for user in users):
             return True
         seen |= users
-        frontier = {user for user in users if not _target_is(user, _GEMM_NAMES)}
+        frontier = {user for user in users if not _is_gemm(user)}
     return False
 
 
