@@ -3,7 +3,7 @@
 What: for every FP8 GEMM shape of a FLUX.1-dev LoRA step (batch 1; the frozen linears of 19 double
 and 38 single blocks), it runs ``torch._scaled_mm`` as COAT's FP8 linear does -- forward E4M3 x
 E4M3, input gradient E5M2 x E4M3, per-tensor scales, bf16 output -- with ``use_fast_accum`` off
-(what coatflux runs, and PyTorch's default) and on. Per shape it prints the median time of each
+(PyTorch's default) and on (coatflux's default, ``activation.fp8_fast_accumulation``). Per shape it prints the median time of each
 (CUDA-graph replays, :func:`coatflux.core.gemm.graph_replay_time`) and the SQNR of each output
 against the fp32 product of the same FP8 operands, then the sums over a step (time x GEMMs per
 step). The AdaLN linears (one row per sample) are left out: a compiled block multiplies them in
@@ -12,10 +12,10 @@ bf16 (their row plan).
 Why: on Hopper, cuBLASLt's FP8 GEMMs either promote the tensor cores' partial sums to fp32 at
 intervals or, with fast accumulation, keep the tensor cores' own accumulator to the end: faster,
 and less exact over a long K (FLUX's ``proj_out`` sums 15,360 products). torchao's float8 training
-turns it on for the forward GEMM by default. The H200 profile of 2026-11-27 06:10 spent 146 ms of
-COAT's 385 ms step at 1024 px in GEMMs, so what fast accumulation saves there, and what it costs in
-error at FLUX's shapes, decides whether coatflux should offer it. This script measures both; the
-FP8 linear does not use it.
+turns it on for the forward GEMM by default, and COAT's own Triton GEMMs accumulate this way on
+Hopper. The H200 profile of 2026-11-27 06:10 (promoted accumulation) spent 146 ms of COAT's 385 ms
+step at 1024 px in GEMMs. This script measures what fast accumulation saves there and what it costs
+in error at FLUX's shapes: the evidence for coatflux's default, or against it.
 
     python benchmarks/fp8_accumulation.py [--resolution 1024] [--repeats 20] [--json FILE]
 

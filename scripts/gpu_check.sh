@@ -29,8 +29,10 @@
 # * Since then the compiled blocks add the LoRA up-projection into the FP8 GEMM's output in place
 #   (coatflux::lora_addmm_): 418 of the 494 memcpy128 copies of the 06:10 profile (7.1 ms in all)
 #   should be gone from the COAT profile.
-# * benchmarks/fp8_accumulation.py times every FP8 GEMM shape of the step with use_fast_accum off
-#   (what the FP8 linear runs) and on, with the error of each: data for deciding whether to offer it.
+# * The FP8 GEMMs now use fast accumulation by default (activation.fp8_fast_accumulation, as COAT's
+#   Triton GEMMs on Hopper): the COAT rows measure it. benchmarks/fp8_accumulation.py times every
+#   FP8 GEMM shape of the step with use_fast_accum off and on, with the error of each; the GPU
+#   tests check both against the reference at K = 4096.
 # * The checkpointing and torchao rows have not run with cuDNN yet. This run measures every 1024 px
 #   recipe in one process with cuDNN and the hook (the trainer's default), COAT profiled, after
 #   bf16 with flash (the bench's default) as the other baseline; first a short check that cuDNN is

@@ -69,6 +69,7 @@ def test_config_from_seed_yaml_block():
     ({"activation": {"linear_granularity": "per_row"}}, r"per_tensor, per_group"),
     ({"enabld": True}, r"coat\.enabld: unknown key \(did you mean 'enabled'\?\)"),
     ({"enabled": "yes"}, r"coat\.enabled: expected true or false"),
+    ({"activation": {"fp8_fast_accumulation": 1}}, r"coat\.activation\.fp8_fast_accumulation: expected true or false"),
 ])
 def test_config_errors_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):

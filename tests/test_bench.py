@@ -49,6 +49,26 @@ def test_tiny_preset_end_to_end_writes_every_row(tmp_path, one_thread):
     assert {r["config"] for r in rows if r["kind"] == "max batch"} == {"bf16", "coat", "bf16+ckpt", "coat+ckpt"}
     text = md.read_text()
     assert "No GPU run yet" in text and "| coat+ckpt |" in text and "torch " + torch.__version__ in text
+    assert "COAT's FP8 GEMM accumulation: fast" in text
+
+
+@pytest.mark.parametrize("choice", ["fast", "precise"])
+def test_fp8_accumulation_option_reaches_every_coat_linear(choice):
+    import argparse
+
+    from coatflux.bench.cli import _Plan, add_arguments
+    from coatflux.bench.configs import prepare_coat_compiled
+    from coatflux.bench.model import PRESETS, build_transformer
+    from coatflux.core.linear import FP8Linear
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--fp8-accumulation", choice, "--compile-backend", "aot_eager"])
+    options = _Plan(args, torch.device("cpu"), None).options()
+    model = build_transformer(PRESETS["tiny"], "cpu")
+    prepare_coat_compiled(model, 4, options)
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert layers and all(m.fast_accum is (choice == "fast") for m in layers)
 
 
 def test_compiled_configs_compile_as_the_trainer_does_unless_told():
@@ -272,7 +292,8 @@ def test_a_finished_cudagraph_config_releases_its_graphs(monkeypatch):
 
     resets = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
-    args = argparse.Namespace(fused_optimizer=None, compile_backend="inductor", compile_dynamic=True)
+    args = argparse.Namespace(fused_optimizer=None, compile_backend="inductor", compile_dynamic=True,
+                              fp8_accumulation="fast")
     plan = _Plan(args, torch.device("cpu"), None)
     _Trainee("coat-compiled", plan).finish()
     assert resets == []

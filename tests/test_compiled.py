@@ -219,6 +219,8 @@ def _traced_against_eager(trainable: bool, scaled_mm: bool, backend: str, device
         # an out-of-place addmm that first copies it (an addmm of the base GEMM's bias may remain)
         assert "torch.ops.coatflux.lora_addmm_.default(" in forward_code
         assert "alpha=0.5" not in forward_code
+        if scaled_mm:  # the layer's default, fp8_fast_accumulation, reaches the GEMM in the graph
+            assert "use_fast_accum=True" in forward_code
     else:
         traced = run(compiled)
     for e, t in zip(eager, traced, strict=True):

@@ -132,14 +132,16 @@ def test_fp8_mm_adds_the_bias_before_its_one_rounding(use_scaled_mm, out_dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
 @pytest.mark.parametrize(("fmt_a", "with_bias"), [(E4M3, False), (E5M2, False), (E4M3, True)])
-def test_scaled_mm_matches_reference_on_gpu(fmt_a, with_bias):
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_scaled_mm_matches_reference_on_gpu(fmt_a, with_bias, fast_accum):
     torch.manual_seed(0)
-    a = quantize(torch.randn(1000, 256, device="cuda"), fmt_a, "tensor")
-    b = quantize(torch.randn(512, 256, device="cuda"), E4M3, "tensor")
+    a = quantize(torch.randn(1000, 4096, device="cuda"), fmt_a, "tensor")  # a long sum, as FLUX's
+    b = quantize(torch.randn(512, 4096, device="cuda"), E4M3, "tensor")
     bias = torch.randn(512, device="cuda", dtype=torch.bfloat16) if with_bias else None
-    fast = fp8_mm(a.data, a.scale, b.data, b.scale, torch.bfloat16, True, bias)
+    fast = fp8_mm(a.data, a.scale, b.data, b.scale, torch.bfloat16, True, bias, fast_accum)
     ref = fp8_mm_reference(a.data, a.scale, b.data, b.scale, torch.float32, bias)
-    assert sqnr_db(ref, fast.float()) > 40
+    # fast accumulation: error at most half, in amplitude, of E4M3's own rounding of a tensor (~31 dB)
+    assert sqnr_db(ref, fast.float()) > (37 if fast_accum else 40)
 
 
 @pytest.mark.gpu
@@ -283,6 +285,29 @@ def test_plan_cache_keeps_row_plans_for_the_next_run(tmp_path, caplog):
     key = PlanCache.key(dev, 48, 64, torch.bfloat16)
     assert torch.__version__ in key and ",".join(map(str, PLAN_ROWS)) in key and "48x64 bfloat16" in key
     assert {key, PlanCache.key(dev, 64, 64, torch.bfloat16)} == set(json.loads(path.read_text())["plans"])
+    # GEMMs with fast accumulation are timed apart: their plan has a key of its own
+    Planner(cache=PlanCache(path), fast_accum=True).row_plan(dev, 48, 64, torch.bfloat16)
+    assert len(timed) == 3 * len(PLAN_ROWS)
+    assert PlanCache.key(dev, 48, 64, torch.bfloat16, fast_accum=True) in json.loads(path.read_text())["plans"]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_fp8_linear_gives_its_accumulation_choice_to_every_gemm(monkeypatch, fast):
+    """``fp8_fast_accumulation`` reaches the forward, input-gradient and weight-gradient GEMMs."""
+    from coatflux.core import linear as linear_mod
+
+    seen, real = [], linear_mod.fp8_mm
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["fast_accum"] if "fast_accum" in kwargs else args[7])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear_mod, "fp8_mm", spy)
+    layer = FP8Linear.from_linear(torch.nn.Linear(64, 48, dtype=torch.bfloat16),
+                                  ActivationConfig(fp8_fast_accumulation=fast), trainable=True)
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()
+    assert seen == [fast] * 3
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"version": 99, "plans": {}}', '[1, 2]'])

@@ -93,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep PyTorch's cuDNN scaled-dot-product-attention backend, with the hook that makes "
                              "its backward correct in FLUX (coatflux.flux.attention), as the trainer does; off by "
                              "default (flash attention), as in the runs before the hook")
+    parser.add_argument("--fp8-accumulation", choices=("fast", "precise"), default="fast",
+                        help="how COAT's FP8 GEMMs accumulate (activation.fp8_fast_accumulation): fast, the "
+                             "default since 2026-11-27, or precise (promoted to fp32), as in the runs before")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", dest="markdown_path", default=None,
                         help="write docs/benchmarks.md-style markdown here")
@@ -115,7 +118,7 @@ class _Plan:
         from coatflux.bench.configs import SetupOptions
 
         return SetupOptions(_fused_default(self.args, self.device), self.args.compile_backend,
-                            self.args.compile_dynamic)
+                            self.args.compile_dynamic, fp8_fast_accumulation=self.args.fp8_accumulation == "fast")
 
     def remaining(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
@@ -465,6 +468,7 @@ def _run(args: argparse.Namespace) -> int:
     plan = _Plan(args, device, None if args.budget_s is None else start + args.budget_s)
     report = Report(environment(device, args.preset, command_line()), None)
     report.environment["attention"] = attention_backends()
+    report.environment["fp8_accumulation"] = args.fp8_accumulation
     print(f"bench: scaled-dot-product attention backends: {report.environment['attention']}", flush=True)
     report.rates = measure_matmul_rates(device, 8192 if device.type == "cuda" else 256)
     flops = {res: count_step_flops(preset, res) for res in resolutions}

@@ -93,7 +93,8 @@ class FP8StorageLinear(nn.Module):
 
 @dataclass(frozen=True)
 class SetupOptions:
-    """Choices that apply to every recipe: the fused FP8AdamW, and how the compiled blocks compile.
+    """Choices that apply to every recipe: the fused FP8AdamW, how the compiled blocks compile, and
+    how COAT's FP8 GEMMs accumulate.
 
     ``compile_dynamic`` defaults to True, ai-toolkit's ``compile_dynamic`` default and so the
     trainer's: one graph serves every resolution (and the inductor cache serves a later run).
@@ -103,6 +104,7 @@ class SetupOptions:
     compile_backend: str = "inductor"
     compile_dynamic: bool = True
     compile_mode: str | None = None
+    fp8_fast_accumulation: bool = True  # COAT configs' FP8 GEMMs (ActivationConfig's default)
 
     def compile_options(self) -> dict[str, object]:
         options: dict[str, object] = {"backend": self.compile_backend, "dynamic": self.compile_dynamic}
@@ -176,6 +178,7 @@ def _prepare_coat(model: nn.Module, rank: int, options: SetupOptions, **activati
     from coatflux.core.config import ActivationConfig, COATConfig
 
     model.requires_grad_(False)
+    activation = {"fp8_fast_accumulation": options.fp8_fast_accumulation, **activation}
     trainer = COATTrainer(COATConfig(activation=ActivationConfig(**activation)))
     apply_coat(model, trainer.config, compile_options=options.compile_options())
     params = _add_lora(model, rank)

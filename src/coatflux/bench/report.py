@@ -149,12 +149,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _rates_line(rates: MatmulRates | None) -> str:
+def _rates_line(rates: MatmulRates | None, env: dict[str, Any]) -> str:
     if rates is None:
         return "not measured"
     fp8 = f"{rates.fp8 / 1e12:.3g} TFLOP/s" if rates.fp8 else (rates.fp8_note or "unavailable")
-    return f"bf16 {_num(rates.bf16 and rates.bf16 / 1e12, '.3g')} TFLOP/s, FP8 (E4M3 _scaled_mm) {fp8} " \
-           f"({rates.size}^3 GEMMs)"
+    # runs that record COAT's accumulation measured the FP8 rate with fast accumulation; earlier ones did not
+    accumulation = "fast" if "fp8_accumulation" in env else "promoted"
+    return f"bf16 {_num(rates.bf16 and rates.bf16 / 1e12, '.3g')} TFLOP/s, FP8 (E4M3 _scaled_mm, {accumulation} " \
+           f"accumulation) {fp8} ({rates.size}^3 GEMMs)"
 
 
 def markdown(report: Report, flops: dict[int, StepFlops]) -> str:
@@ -224,8 +226,9 @@ def _run_section(report: Report, title: str | None) -> list[str]:
             f"- torch {env['torch']}, Python {env['python']}, {env['platform']}",
             f"- date: {env['date']}",
             f"- command: `{env['command']}`",
-            f"- measured matmul rates: {_rates_line(report.rates)}",
-            f"- attention (SDPA) backends: {env.get('attention', 'not recorded')}"]
+            f"- measured matmul rates: {_rates_line(report.rates, env)}",
+            f"- attention (SDPA) backends: {env.get('attention', 'not recorded')}",
+            f"- COAT's FP8 GEMM accumulation: {env.get('fp8_accumulation', 'precise (promoted; before the option)')}"]
     if env.get("rendered"):
         out += [f"- {env['rendered']}"]
     out += ["", f"{sub} Results", "", table(report.rows), ""]

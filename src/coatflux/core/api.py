@@ -126,7 +126,9 @@ def _new_context(config: COATConfig, compressor: ActivationCompressor | None = N
                  input_cache: InputCache | None = None, **fields: Any) -> COATContext:
     """A context with the model's GEMM planner (one per model, if ``gemm_autotune``; its row plans
     for compiled blocks are kept on disk, see :class:`~coatflux.core.gemm.PlanCache`)."""
-    planner = GemmPlanner(cache=PlanCache.default()) if config.activation.gemm_autotune else None
+    activation = config.activation
+    planner = (GemmPlanner(cache=PlanCache.default(), fast_accum=activation.fp8_fast_accumulation)
+               if activation.gemm_autotune else None)
     return COATContext(config, compressor, input_cache or InputCache(), planner=planner, **fields)
 
 

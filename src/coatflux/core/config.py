@@ -111,6 +111,13 @@ class ActivationConfig:
     Linear inputs default to ``per_tensor`` scaling (one scale, so the FP8 tensor-core GEMM needs
     no rescaling inside its K loop); inputs of non-linear ops default to ``per_group`` 1 x
     ``group_size`` scaling, which follows local outliers (COAT's mixed granularity).
+    ``fp8_fast_accumulation`` lets the FP8 tensor-core GEMMs keep the tensor cores' own accumulator
+    over the whole sum (``torch._scaled_mm(use_fast_accum=True)``) rather than promote partial sums
+    to fp32 at intervals, in all three GEMMs. That is what COAT's own GEMMs do on Hopper (Triton
+    dots of FP8 on sm_90 accumulate without promotion unless told otherwise), so COAT's H100 results
+    were measured with it; torchao's float8 training does it in the forward GEMM. False
+    gives cuBLAS's promoted accumulation, slower and more exact over FLUX's long sums (K up to
+    15,360); ``benchmarks/fp8_accumulation.py`` measures both.
     ``keep_attention_bf16`` leaves scaled-dot-product attention's saved tensors untouched, as COAT
     does; ``gemm_autotune`` times the FP8 and the plain GEMM once per shape on the GPU and keeps
     the faster (small GEMMs do not gain from FP8; in compiled blocks, planned per linear and row
@@ -128,6 +135,7 @@ class ActivationConfig:
     nonlinear_granularity: str = "per_group"
     group_size: int = 16
     fp8_gemm: bool = True
+    fp8_fast_accumulation: bool = True
     gemm_autotune: bool = True
     keep_attention_bf16: bool = True
     fused_nonlinear: bool = True
@@ -143,6 +151,7 @@ class ActivationConfig:
         _check_choice(self.nonlinear_granularity, GRANULARITIES, f"{path}.nonlinear_granularity")
         _check_power_of_two(self.group_size, f"{path}.group_size", low=2, high=4096)
         _check_bool(self.fp8_gemm, f"{path}.fp8_gemm")
+        _check_bool(self.fp8_fast_accumulation, f"{path}.fp8_fast_accumulation")
         _check_bool(self.gemm_autotune, f"{path}.gemm_autotune")
         _check_bool(self.keep_attention_bf16, f"{path}.keep_attention_bf16")
         _check_bool(self.fused_nonlinear, f"{path}.fused_nonlinear")

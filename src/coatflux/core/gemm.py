@@ -93,9 +93,15 @@ def fp8_mm(
     out_dtype: torch.dtype,
     use_scaled_mm: bool,
     bias: torch.Tensor | None = None,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``(a * scale_a) @ (b * scale_b).T + bias`` with FP8 ``a`` (M x K), ``b`` (N x K) and an optional
     ``bias`` (N).
+
+    ``fast_accum`` lets ``torch._scaled_mm`` keep the tensor cores' own accumulator over the whole K
+    (``use_fast_accum``) instead of promoting its partial sums to fp32 at intervals: faster on
+    Hopper and less exact over long sums (see :class:`~coatflux.core.config.ActivationConfig`). The
+    emulated path accumulates in ``out_dtype`` (fp32 on the CPU) either way.
 
     The bias is added in the GEMM's epilogue (cuBLASLt adds it to the fp32 result before the one
     rounding to ``out_dtype``), not by a kernel of its own: an add after the GEMM reads and writes
@@ -110,7 +116,7 @@ def fp8_mm(
         # _scaled_mm wants the second operand column-major: b is N x K row-major, so b.t() is.
         out = torch._scaled_mm(
             a.contiguous(), b.contiguous().t(), scale_a=scale_a.float(), scale_b=scale_b.float(),
-            bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype,
+            bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype, use_fast_accum=fast_accum,
         )
         return out if bias is None or fused_bias else out + bias.to(out_dtype)
     compute = out_dtype if a.is_cuda else torch.float32
@@ -224,14 +230,15 @@ class PlanCache:
         return cls(Path(folder) / "gemm_row_plans.json")
 
     @staticmethod
-    def key(device: torch.device, n: int, k: int, dtype: torch.dtype) -> str:
+    def key(device: torch.device, n: int, k: int, dtype: torch.dtype, fast_accum: bool = False) -> str:
         if device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
             card = f"{torch.cuda.get_device_name(device)} sm{major}{minor} cuda {torch.version.cuda}"
         else:
             card = device.type
         rows = ",".join(map(str, PLAN_ROWS))
-        return f"{card} | torch {torch.__version__} | {n}x{k} {str(dtype).replace('torch.', '')} | rows {rows}"
+        accumulation = " | fast accumulation" if fast_accum else ""  # plans made before the option keep their keys
+        return f"{card} | torch {torch.__version__} | {n}x{k} {str(dtype).replace('torch.', '')} | rows {rows}{accumulation}"
 
     def get(self, key: str) -> RowPlan | None:
         if self._plans is None:
@@ -294,14 +301,16 @@ class GemmPlanner:
     costs do not amortise. Rather than a hand-set size threshold, which would be wrong on the next
     card, each distinct (device, M, N, K, dtype) is timed once on random operands -- both paths
     take the same FP8 inputs, so only the GEMM itself is compared -- and the faster is remembered
-    for the rest of the run. A few shapes per resolution, a few milliseconds each.
+    for the rest of the run. A few shapes per resolution, a few milliseconds each. The FP8 GEMMs
+    are timed as the layers run them, with or without ``fast_accum``.
     """
 
     def __init__(self, timer: Timer | None = None, plan_timer: Timer | None = None,
-                 cache: PlanCache | None = None) -> None:
+                 cache: PlanCache | None = None, fast_accum: bool = False) -> None:
         self._timer = timer or cuda_event_time
         self._plan_timer = plan_timer or timer or graph_replay_time
         self._cache = cache
+        self.fast_accum = fast_accum
         self._choices: dict[tuple, bool] = {}
         self._plans: dict[tuple, RowPlan] = {}
 
@@ -324,7 +333,7 @@ class GemmPlanner:
 
         a = quantize(torch.randn(m, k, device=device, dtype=dtype), E4M3, "tensor")
         b = quantize(torch.randn(n, k, device=device, dtype=dtype), E4M3, "tensor")
-        fp8 = self._timer(lambda: fp8_mm(a.data, a.scale, b.data, b.scale, dtype, True), device)
+        fp8 = self._timer(lambda: fp8_mm(a.data, a.scale, b.data, b.scale, dtype, True, None, self.fast_accum), device)
         plain = self._timer(lambda: fp8_mm(a.data, a.scale, b.data, b.scale, dtype, False), device)
         return fp8 < plain
 
@@ -349,7 +358,7 @@ class GemmPlanner:
         key = (torch.device(device), n, k, dtype)
         if key in self._plans:
             return self._plans[key]
-        cache_key = PlanCache.key(key[0], n, k, dtype)
+        cache_key = PlanCache.key(key[0], n, k, dtype, self.fast_accum)
         plan, source = (self._cache.get(cache_key) if self._cache is not None else None), "timed"
         if plan is None:
             plan = self._time_row_plan(key[0], n, k, dtype)
@@ -386,9 +395,9 @@ class GemmPlanner:
 
         def fp8() -> torch.Tensor:
             torch.linalg.vector_norm(x, float("inf"))  # the per-tensor maximum, then the scaled cast
-            fp8_mm(x.to(torch.float8_e4m3fn), one, w, one, dtype, True)
+            fp8_mm(x.to(torch.float8_e4m3fn), one, w, one, dtype, True, None, self.fast_accum)
             torch.linalg.vector_norm(g, float("inf"))
-            return fp8_mm(g.to(torch.float8_e5m2), one, w.t().contiguous(), one, dtype, True)
+            return fp8_mm(g.to(torch.float8_e5m2), one, w.t().contiguous(), one, dtype, True, None, self.fast_accum)
 
         def plain() -> torch.Tensor:
             x @ w.to(dtype).t()

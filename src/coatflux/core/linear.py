@@ -101,7 +101,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         m = x2.shape[0]
         if xq.granularity == "tensor":
             use = layer.gemm_uses_fp8(x.device, m, layer.out_features, layer.in_features)
-            y = fp8_mm(xq.data.reshape(m, -1), xq.scale, w_codes, w_scale, x.dtype, use, bias)
+            y = fp8_mm(xq.data.reshape(m, -1), xq.scale, w_codes, w_scale, x.dtype, use, bias, layer.fast_accum)
         else:
             y = F.linear(dequantize(xq).reshape(m, -1), _upcast(w_codes, w_scale, x.dtype), _cast(bias, x.dtype))
         h = a = b = None
@@ -138,7 +138,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         if need_x:
             w_codes, w_scale = layer.fp8_weight(weight)
             use = layer.gemm_uses_fp8(g2.device, m, k, n)
-            grad_x = fp8_mm(gq.data, gq.scale, w_codes.t().contiguous(), w_scale, grad_out.dtype, use)
+            grad_x = fp8_mm(gq.data, gq.scale, w_codes.t().contiguous(), w_scale, grad_out.dtype, use,
+                            fast_accum=layer.fast_accum)
         if need_w:
             grad_w = _weight_grad(gq, g2, _saved_input_fp8(ctx, x_saved, x_scale), weight, layer)
         if need_b:
@@ -170,9 +171,9 @@ class _TracedFP8Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, weight: torch.Tensor | None, w_codes: torch.Tensor | None,
-                w_scale: torch.Tensor | None, bias: torch.Tensor | None, fp8: bool) -> torch.Tensor:
+                w_scale: torch.Tensor | None, bias: torch.Tensor | None, fp8: bool, fast: bool) -> torch.Tensor:
         xq, x_scale = tensor_scale_ops(x2, E4M3)
-        ctx.fp8, ctx.weight_dtype = fp8, None if weight is None else weight.dtype
+        ctx.fp8, ctx.fast, ctx.weight_dtype = fp8, fast, None if weight is None else weight.dtype
         if weight is None:
             ctx.save_for_backward(w_codes, w_scale)
         else:  # trainable: quantized here, and the FP8 input kept for the weight gradient
@@ -180,7 +181,7 @@ class _TracedFP8Function(torch.autograd.Function):
             ctx.save_for_backward(w_codes, w_scale, xq, x_scale)
         ctx.bias_dtype = None if bias is None else bias.dtype
         m, n, k = x2.shape[0], w_codes.shape[0], x2.shape[1]
-        return fp8_mm(xq, x_scale, w_codes, w_scale, x2.dtype, fp8 and shape_supported(m, n, k), bias)
+        return fp8_mm(xq, x_scale, w_codes, w_scale, x2.dtype, fp8 and shape_supported(m, n, k), bias, fast)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -190,12 +191,12 @@ class _TracedFP8Function(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = fp8_mm(gq, g_scale, w_codes.t().contiguous(), w_scale, grad.dtype,
-                            ctx.fp8 and shape_supported(m, k, n))
+                            ctx.fp8 and shape_supported(m, k, n), fast_accum=ctx.fast)
         if ctx.weight_dtype is not None and ctx.needs_input_grad[1]:
             xq, x_scale = ctx.saved_tensors[2:]
             grad_w = fp8_mm(gq.t().contiguous(), g_scale, xq.t().contiguous(), x_scale, ctx.weight_dtype,
-                            ctx.fp8 and shape_supported(n, k, m))
-        return grad_x, grad_w, None, None, _bias_grad(ctx, grad, 4), None
+                            ctx.fp8 and shape_supported(n, k, m), fast_accum=ctx.fast)
+        return grad_x, grad_w, None, None, _bias_grad(ctx, grad, 4), None, None
 
 
 @torch.library.custom_op("coatflux::lora_addmm_", mutates_args={"y"})
@@ -305,7 +306,7 @@ def _weight_grad(gq: QuantizedTensor, g2: torch.Tensor, xq: QuantizedTensor, wei
         return (g2.t().float() @ dequantize(xq, torch.float32).reshape(m, k)).to(weight.dtype)
     use = layer.gemm_uses_fp8(g2.device, n, k, m)
     return fp8_mm(gq.data.t().contiguous(), gq.scale, xq.data.reshape(m, k).t().contiguous(),
-                  xq.scale, weight.dtype, use)
+                  xq.scale, weight.dtype, use, fast_accum=layer.fast_accum)
 
 
 class FP8Linear(nn.Module):
@@ -356,6 +357,11 @@ class FP8Linear(nn.Module):
         if self._parameters.get("weight") is not None:
             return self._parameters.get("weight")
         return _upcast(self.weight_fp8, self.weight_scale, self.compute_dtype)
+
+    @property
+    def fast_accum(self) -> bool:
+        """Whether this layer's FP8 GEMMs keep the tensor cores' accumulator (``fp8_fast_accumulation``)."""
+        return self.config.fp8_fast_accumulation
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -414,7 +420,7 @@ class FP8Linear(nn.Module):
                  else F.linear(x2, weight.to(x.dtype), _cast(self.bias, x.dtype)))
         else:
             y = _TracedFP8Function.apply(x2, weight, self.weight_fp8, self.weight_scale, self.bias,
-                                         self.fp8_gemm_in_graph)
+                                         self.fp8_gemm_in_graph, self.fast_accum)
         if lora_A is not None:
             h = x2 @ lora_A.to(x.dtype).t()
             y = _TracedLoRAAdd.apply(y, h, lora_B.to(x.dtype), lora_scale)
