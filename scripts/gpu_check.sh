@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU command of a session: the GELU backward's scale formulations timed alone, FLUX's FP8
-# GEMMs with and without fast accumulation, FLUX's attention on flash and cuDNN in the hooked layouts, then the bench at 1024 px (bf16 with flash;
-# every recipe with cuDNN and the hook if that check passed), then the GPU tests of the FP8 GEMM
-# and of the compiled quantizers.
+# GEMMs with and without fast accumulation, FLUX's attention on flash and cuDNN in the hooked
+# layouts, then the bench at 1024 px (bf16 with flash; every recipe with cuDNN and the hook if that
+# check passed), then the GPU tests of the FP8 GEMM and of the compiled quantizers.
 #
 # Run from the repository root on a CUDA box whose python3 has torch (+CUDA, Triton), transformers, peft,
 # safetensors and huggingface_hub but not diffusers: the wheels listed in scripts/gpu_wheels.txt
