@@ -117,7 +117,9 @@ class ActivationConfig:
     dots of FP8 on sm_90 accumulate without promotion unless told otherwise), so COAT's H100 results
     were measured with it; torchao's float8 training does it in the forward GEMM. False
     gives cuBLAS's promoted accumulation, slower and more exact over FLUX's long sums (K up to
-    15,360); ``benchmarks/fp8_accumulation.py`` measures both.
+    15,360); ``benchmarks/fp8_accumulation.py`` measures both. cuBLAS documents the mode as faster
+    "on some GPUs"; where the tensor cores have no such mode (Triton promotes on Ada, sm_89) it
+    need not change anything.
     ``keep_attention_bf16`` leaves scaled-dot-product attention's saved tensors untouched, as COAT
     does; ``gemm_autotune`` times the FP8 and the plain GEMM once per shape on the GPU and keeps
     the faster (small GEMMs do not gain from FP8; in compiled blocks, planned per linear and row
