@@ -84,8 +84,8 @@ def measure(pass_: str, m: int, n: int, k: int, device: torch.device, repeats: i
 
     reference = (a.float() * sa) @ (b.float() * sb).t()
     row = {"pass": pass_, "m": m, "n": n, "k": k}
+    time_fn = graph_replay_time if device.type == "cuda" else median_ms
     for name, fast in (("precise", False), ("fast", True)):
-        time_fn = graph_replay_time if device.type == "cuda" else median_ms
         row[f"ms_{name}"] = time_fn(lambda fast=fast: gemm(fast), device, repeats, 2)
         row[f"sqnr_{name}"] = sqnr_db(reference, gemm(fast).float())
     row["sqnr_bf16_rounding"] = sqnr_db(reference, reference.to(torch.bfloat16).float())

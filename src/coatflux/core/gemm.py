@@ -3,7 +3,8 @@
 What: :func:`fp8_mm` computes ``(a * sa) @ (b * sb).T`` for FP8 operands ``a`` (M x K) and
 ``b`` (N x K) with per-tensor fp32 scales, returning ``out_dtype``. On CUDA devices of compute
 capability 8.9 or newer (Ada, Hopper, Blackwell), with K and N multiples of 16 and at least one
-E4M3 operand, it calls ``torch._scaled_mm`` (cuBLASLt FP8 tensor cores, fp32 accumulation).
+E4M3 operand, it calls ``torch._scaled_mm`` (cuBLASLt FP8 tensor cores; fast or promoted-to-fp32
+accumulation, as the caller asks).
 Everywhere else it dequantizes both operands and multiplies in ``out_dtype``: the same numbers up
 to accumulation order, so CPU tests exercise the same code, and :func:`fp8_mm_reference` is the
 specification the fast path is tested against.

@@ -22,10 +22,13 @@ Choices:
   log. The LoRA branch multiplies in the input's dtype (bf16), its fp32 weights cast per call:
   its GEMMs have rank-sized dimensions, where FP8 would save nothing and fp32 would leave the
   tensor cores idle. The LoRA scale is applied to the rank-sized tensors, never to an M x N one.
+* The FP8 GEMMs accumulate as ``fp8_fast_accumulation`` says (fast by default, as COAT's Triton
+  GEMMs on Hopper; see :class:`~coatflux.core.config.ActivationConfig`).
 * Inside a block compiled by :func:`coatflux.core.compiled.compile_blocks` the layer runs a
   second, traceable forward (:class:`_TracedFP8Function`: tensors and constants only, no caches,
   observers or timing), so that the whole block is one graph; which tensors are kept for backward
-  is then the compiler's decision, and the compiled block's saved-tensor hooks compress them. There
+  is then the compiler's decision, and the compiled block's saved-tensor hooks compress them; the
+  LoRA up-projection is added into the GEMM's output in place there too (:func:`lora_addmm_`). There
   a GEMM whose shape ``torch._scaled_mm`` takes runs in FP8 (``fp8_gemm_in_graph``, set by
   ``apply_coat`` from the device) unless the layer's ``row_plan`` says FP8 does not pay at this row
   count: then it multiplies the unquantized input with the FP8 weight upcast to the compute dtype
@@ -146,14 +149,14 @@ class _FP8LinearFunction(torch.autograd.Function):
             grad_b = g2.sum(0).to(grad_out.dtype)
         if lora_a is not None:
             a_dtype, b_dtype = ctx.lora_dtypes
-            g_h = (g2 @ lora_b).mul_(ctx.lora_scale)
+            g_h = _times(g2 @ lora_b, ctx.lora_scale)
             if need_x:
                 grad_x = grad_x.addmm_(g_h, lora_a)
             if need_a:
                 x_values = _saved_input_values(ctx, x_saved, x_scale, lora_a.dtype).reshape(m, k)
                 grad_a = (g_h.t() @ x_values).to(a_dtype)
             if need_lb:
-                grad_lb = (g2.t() @ h).mul_(ctx.lora_scale).to(b_dtype)
+                grad_lb = _times(g2.t() @ h, ctx.lora_scale).to(b_dtype)
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, grad_w, grad_b, grad_a, grad_lb, None, None
