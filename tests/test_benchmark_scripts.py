@@ -156,3 +156,18 @@ def test_fp8_accumulation_covers_every_flux_gemm_shape_both_ways(tmp_path) -> No
         assert row["ms_precise"] > 0 and row["ms_fast"] > 0
         assert row["sqnr_precise"] > 40 and row["sqnr_fast"] > 40  # against the fp32 product of the FP8 operands
     assert "per step:" in result.stdout
+
+
+def test_optimizer_step_counts_the_eager_update() -> None:
+    script = _benchmark("optimizer_step")
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape in ((16, 300), (300, 16), (16, 40)):
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+        p.grad = torch.randn(shape, generator=gen)
+        params.append(p)
+    ops, moved = script.count_eager(params)
+    # Decode two moments, update, encode two: well over a hundred operations, each over the buffers.
+    assert ops > 100
+    padded = (16 * 300 * 2 + 128) * 4  # fp32 bytes of one flat buffer (each tensor padded to 128)
+    assert moved > ops * padded / 4

@@ -132,3 +132,51 @@ def test_fused_buckets_follow_the_tensors_that_step_together():
     _run(ref, fused, gen, opt_ref, opt_fused, steps=1)
     assert len(opt_fused._buckets) == 2  # two step counts: two buckets, nothing stale
     _assert_same_state(opt_ref, opt_fused, ref, fused)
+
+
+def test_fused_step_reuses_its_plan_until_the_tensors_with_gradients_change(monkeypatch):
+    ref, fused, gen = _pair("cpu")
+    opt_ref, opt_fused = FP8AdamW(ref, lr=1e-2), FusedFP8AdamW(fused, lr=1e-2)
+    plans = []
+    make_plan = opt_fused._plan
+    monkeypatch.setattr(opt_fused, "_plan", lambda *a: plans.append(make_plan(*a)) or plans[-1])
+    _run(ref, fused, gen, opt_ref, opt_fused, steps=3)
+    assert len(plans) == 1  # planned on the first step, reused on the next two
+    for a, b in zip(ref[:3], fused[:3], strict=True):
+        a.grad = b.grad = None
+    opt_ref.step()
+    opt_fused.step()
+    assert len(plans) == 2  # fewer tensors with gradients: planned again
+    _run(ref, fused, gen, opt_ref, opt_fused, steps=1)
+    assert len(plans) == 3  # all of them again, now with two step counts
+    _assert_same_state(opt_ref, opt_fused, ref, fused)
+    for a, b in zip(ref, fused, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_compiled_update_matches_the_eager_one_and_compiles_once():
+    """The compiled bucket update (what a GPU runs) against the eager one, on inductor's CPU code:
+    codes and metadata identical, parameters within a fused multiply-add's rounding; and the step's
+    numbers are inputs, so steps with new learning rates and bias corrections reuse the one graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from coatflux.kernels.adamw import bucket_update_
+
+    eager, compiled, gen = _pair("cpu", seed=3)
+    opt_eager, opt_compiled = FusedFP8AdamW(eager, lr=1e-2), FusedFP8AdamW(compiled, lr=1e-2, compiled=True)
+    counter = CompileCounterWithBackend("inductor")
+    opt_compiled._compiled_update = torch.compile(bucket_update_, backend=counter, fullgraph=True)
+    for step in range(4):
+        for group in (*opt_eager.param_groups, *opt_compiled.param_groups):
+            group["lr"] = 1e-2 / (step + 1)
+        _run(eager, compiled, gen, opt_eager, opt_compiled, steps=1)
+    assert counter.frame_count == 1
+    _assert_same_state(opt_eager, opt_compiled, eager, compiled)
+    for a, b in zip(eager, compiled, strict=True):  # a rounding of the tensor's largest values at most
+        ulp = torch.finfo(torch.float32).eps * a.detach().abs().max()
+        torch.testing.assert_close(b, a, rtol=0, atol=float(ulp))
+
+
+def test_compiled_option_is_checked():
+    with pytest.raises(TypeError, match="compiled must be true, false or null"):
+        FusedFP8AdamW([torch.zeros(4, requires_grad=True)], compiled="yes")

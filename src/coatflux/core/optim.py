@@ -39,7 +39,7 @@ tested against it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -297,18 +297,37 @@ def _shard_stamp(optimizer: Optimizer) -> dict[str, int] | None:
     return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
 
 
+def adamw_scalars(step: int, group: dict[str, Any]) -> tuple[float, ...]:
+    """The numbers one AdamW step uses, computed in double precision as ``torch.optim.AdamW`` does:
+    ``1 - beta1``, ``beta2``, ``1 - beta2``, ``sqrt(1 - beta2**step)``, ``eps``, the decay factor
+    ``1 - lr * weight_decay`` and the step size ``-lr / (1 - beta1**step)``."""
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    return (1 - beta1, beta2, 1 - beta2, (1 - beta2**step) ** 0.5, eps, 1 - lr * wd, -lr / (1 - beta1**step))
+
+
+def adamw_math_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                scalars: Sequence[float] | torch.Tensor) -> None:
+    """The AdamW update in place on ``master`` and both moments, given :func:`adamw_scalars`.
+
+    ``scalars`` may be numbers or a tensor of them: a compiled update takes a tensor, so that a new
+    step's values are new inputs rather than constants to compile again. Every operation therefore
+    takes its number as an operand, not as a ``value=`` keyword; ``grad * (grad * v)`` and
+    ``(m / d) * s`` are the products ``addcmul``'s ``v * grad * grad`` and ``addcdiv``'s
+    ``s * (m / d)`` make, bit for bit (IEEE multiplication commutes).
+    """
+    one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, decay, step_size = scalars
+    exp_avg.lerp_(grad, one_minus_beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad * one_minus_beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    master.mul_(decay)
+    master.add_(exp_avg / denom * step_size)
+
+
 def adamw_update_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   step: int, group: dict[str, Any]) -> None:
     """The AdamW update in fp32, in place on ``master`` and both moments (torch.optim.AdamW's math)."""
-    beta1, beta2 = group["betas"]
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    master.mul_(1 - lr * wd)
-    master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    adamw_math_(master, grad, exp_avg, exp_avg_sq, adamw_scalars(step, group))
 
 
 def _rounding_seed(seed: int, index: int, step: int, offset: int = 0) -> int:

@@ -7,22 +7,32 @@ launches per step, which on a GPU costs far more than the arithmetic. Here the t
 parameter group that share a step count are laid end to end in flat buffers (each padded to the
 block size) that persist between steps (:class:`_FlatBucket`): each tensor's state entries are
 views into them, so the DRE decode, the AdamW update and the DRE encode run once over the
-buffers, and the gradients and parameters move in and out with one ``torch._foreach_copy_``
-each. A few dozen launches per step whatever the tensor count, and no per-tensor Python beyond
-collecting the gradients: ``benchmarks/optimizer_step.py`` (988 tensors of 16 x 8, one CPU
-thread, so that the host's work is what is timed) measured 48 ms per step when the buffers were
-concatenated and split on every step, 7.5 ms with them kept, against 18.6 ms for
-``torch.optim.AdamW`` (foreach) and 297 ms for the per-tensor reference.
+buffers (:func:`bucket_update_`), and the gradients and parameters move in and out with one
+``torch._foreach_copy_`` each. Which tensors go into which buffer is decided once and reused
+while the same tensors have gradients (:class:`_GroupPlan`), so a step costs no per-tensor Python
+beyond collecting the gradients.
 
-Why this is exact: every operation of the reference update is element-wise, and every DRE
-statistic is computed per block of ``block_size`` elements of one tensor. Padding each tensor to
-a whole number of blocks (with zeros, as the reference pads its last block) keeps every block
+On a GPU the update itself is compiled (``torch.compile``). Eagerly it is 185 PyTorch operations
+over the flat buffers, whose inputs and outputs hold 38.8 GB for the 85.9 M elements of a rank-16
+LoRA on all of FLUX.1-dev's block linears: 8 ms at an H200's 4.8 TB/s, and the H200 run of
+2026-11-27 06:10 measured 13 ms for the optimizer part of the compiled COAT step (376 ms in all).
+Compiled, it is one Triton kernel that reads each block once and writes the parameters, codes
+and metadata in place: 1.4 GB by inductor's estimate (``benchmarks/optimizer_step.py --count``).
+The step's numbers (learning rate, bias corrections) go in as a tensor, so one compilation serves
+every step.
+
+Why the eager form is exact: every operation of the reference update is element-wise, and every
+DRE statistic is computed per block of ``block_size`` elements of one tensor. Padding each tensor
+to a whole number of blocks (with zeros, as the reference pads its last block) keeps every block
 inside one tensor, so the same numbers meet the same operations: the FP8 codes, block metadata
 and fp32 parameters come out identical to the reference's, which the tests check byte for byte.
+The compiled form computes the same expressions, but the compiler may contract a multiply and an
+add into one fused multiply-add: on this machine's CPU its codes and metadata were the
+reference's and some parameters differed in the last bit; the tests bound both.
 
-Chosen against: a Triton kernel (faster still, one pass, but a second implementation of DRE to
-keep in step with the reference, and no CPU path besides the interpreter), ``torch.compile`` of
-the per-tensor update (recompiles per distinct shape and still launches per tensor), and
+Chosen against: a hand-written Triton kernel (the compiled update is one kernel already, from the
+reference's own code, so there is no second DRE implementation to keep in step), ``torch.compile``
+of the per-tensor update (recompiles per distinct shape and still launches per tensor), and
 ``torch._foreach_*`` ops (they batch launches but have no block-wise reductions for DRE).
 
 Scope: fp32 parameters whose two moments are both FP8 with DRE (every LoRA matrix with the
@@ -38,13 +48,16 @@ unsharded run's state).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from coatflux.core.dre import DREBlocks, dre_dequantize, dre_quantize
-from coatflux.core.optim import _DRE_FIELDS, _MOMENTS, FP8AdamW, adamw_update_, local_tensor
+from coatflux.core.formats import FP8Format, get_format
+from coatflux.core.optim import _DRE_FIELDS, _MOMENTS, FP8AdamW, adamw_math_, adamw_scalars, local_tensor
 
 
 def _flat(tensors: list[torch.Tensor], block: int) -> torch.Tensor:
@@ -67,13 +80,35 @@ def _padded_sizes(tensors: list[torch.Tensor], block: int) -> list[int]:
     return [t.numel() + (-t.numel()) % block for t in tensors]
 
 
+def bucket_update_(master: torch.Tensor, grad: torch.Tensor, moments: list[torch.Tensor],
+                   metadata: list[torch.Tensor], scalars: Sequence[float] | torch.Tensor,
+                   formats: tuple[FP8Format, ...],
+                   block: int) -> None:
+    """One AdamW step over flat buffers, in place: decode both moments (DRE), update, encode.
+
+    ``moments`` are the two flat FP8 code buffers, ``metadata`` their DRE fields (``k_code``,
+    ``center_exp``, ``scale_exp`` of the first moment, then of the second). Plain PyTorch: this is
+    the reference of the compiled update, and what runs where nothing is compiled.
+    """
+    fields = len(_DRE_FIELDS)
+    decoded = [dre_dequantize(DREBlocks(codes, *metadata[i * fields:(i + 1) * fields]), block)
+               for i, codes in enumerate(moments)]
+    adamw_math_(master, grad, decoded[0], decoded[1], scalars)
+    for i, (codes, value, fmt) in enumerate(zip(moments, decoded, formats, strict=True)):
+        enc = dre_quantize(value, fmt, block)
+        codes.copy_(enc.codes)
+        for buffer, new in zip(metadata[i * fields:(i + 1) * fields], (enc.k_code, enc.center_exp, enc.scale_exp),
+                               strict=True):
+            buffer.copy_(new)
+
+
 class _FlatBucket:
     """Persistent flat buffers for one set of parameters that step together.
 
     The moments' FP8 codes and DRE metadata live in one flat buffer per field, and each
     parameter's optimizer state holds *views* into them, so a step decodes and encodes the whole
     set with no concatenation and no per-tensor splitting; the flat fp32 gradient and master
-    buffers are kept too (8 bytes per trainable element, about 150 MB for a rank-16 FLUX.1 LoRA),
+    buffers are kept too (8 bytes per trainable element, 687 MB for a rank-16 LoRA on FLUX.1-dev's block linears),
     so copying in and out is one ``torch._foreach_copy_`` each. The state dict still holds one
     entry per parameter with the reference's keys, shapes and dtypes (views of shared storage,
     which ``torch.save`` writes once).
@@ -83,6 +118,8 @@ class _FlatBucket:
         block = opt.fp8_config.block_size
         self.opt, self.params, self.block = opt, params, block
         locals_ = [local_tensor(p) for p in params]
+        # A plain tensor is its own local tensor; a DTensor's is asked for on every step.
+        self.locals = None if any(t is not p for t, p in zip(locals_, params, strict=True)) else locals_
         self.sizes = _padded_sizes(locals_, block)
         device = locals_[0].device
         total = sum(self.sizes)
@@ -125,28 +162,61 @@ class _FlatBucket:
     def step(self, group: dict[str, Any]) -> None:
         self.steps += 1
         step = int(self.steps[0].item())
-        locals_ = [local_tensor(p) for p in self.params]  # views: writing them writes the parameters
-        torch._foreach_copy_(self.grad_views, [local_tensor(p.grad) for p in self.params])
+        locals_ = self.locals or [local_tensor(p) for p in self.params]  # writing them writes the parameters
+        grads = [p.grad for p in self.params] if self.locals else [local_tensor(p.grad) for p in self.params]
+        torch._foreach_copy_(self.grad_views, grads)
         torch._foreach_copy_(self.master_views, locals_)
-        exp_avg, exp_avg_sq = (dre_dequantize(self._encoded(m), self.block) for m in _MOMENTS)
-        adamw_update_(self.master, self.grad, exp_avg, exp_avg_sq, step, group)
+        moments = [self.flat[moment] for moment in _MOMENTS]
+        metadata = [self.flat[f"{moment}_{f}"] for moment in _MOMENTS for f in _DRE_FIELDS]
+        formats = tuple(get_format(self.opt._format(moment)) for moment in _MOMENTS)
+        scalars = adamw_scalars(step, group)
+        if self.opt._compile(self.master):  # the step's numbers as an input, not as constants to compile
+            tensor = torch.tensor(scalars, dtype=torch.float32, device=self.master.device)
+            self.opt._compiled_update(self.master, self.grad, moments, metadata, tensor, formats, self.block)
+        else:
+            bucket_update_(self.master, self.grad, moments, metadata, scalars, formats, self.block)
         torch._foreach_copy_(locals_, self.master_views)
-        for moment, value in zip(_MOMENTS, (exp_avg, exp_avg_sq), strict=True):
-            enc = dre_quantize(value, self.opt._format(moment), self.block)
-            self.flat[moment].copy_(enc.codes)
-            for f in _DRE_FIELDS:
-                self.flat[f"{moment}_{f}"].copy_(getattr(enc, f))
 
     def _encoded(self, moment: str) -> DREBlocks:
         return DREBlocks(self.flat[moment], *(self.flat[f"{moment}_{f}"] for f in _DRE_FIELDS))
 
 
+@dataclass
+class _GroupPlan:
+    """How one parameter group stepped last time: which tensors had gradients, and where each went.
+
+    A training step gives the same tensors gradients as the step before, so the next step can
+    reuse the plan after checking only that (one identity comparison per tensor). Re-deciding per
+    tensor (eligible? same step count?) cost about 4 ms of host time per step for a FLUX.1 LoRA,
+    while the GPU waited for the step's first kernel.
+    """
+
+    params: list[torch.Tensor]  # the tensors with a gradient, in the group's order
+    reference: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (index in group, tensor)
+    buckets: list[_FlatBucket] = field(default_factory=list)
+
+    def fits(self, params: list[torch.Tensor]) -> bool:
+        return (len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params, strict=True))
+                and all(bucket.current() for bucket in self.buckets))
+
+
 class FusedFP8AdamW(FP8AdamW):
     """:class:`FP8AdamW` whose step batches all eligible tensors of a group (same state, same result)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, compiled: bool | None = None, **kwargs: Any) -> None:
+        """``compiled``: run each step's update as the code ``torch.compile`` generates from
+        :func:`bucket_update_` (one kernel) instead of its 185 PyTorch operations; None (the
+        default) compiles where the parameters are on a GPU. Other arguments are :class:`FP8AdamW`'s."""
         super().__init__(*args, **kwargs)
+        if compiled is not None and not isinstance(compiled, bool):
+            raise TypeError(f"FusedFP8AdamW: compiled must be true, false or null (None), got {compiled!r}")
+        self.compiled = compiled
+        self._compiled_update = torch.compile(bucket_update_, fullgraph=True)
         self._buckets: dict[tuple[int, ...], _FlatBucket] = {}
+        self._plans: dict[int, _GroupPlan] = {}  # by id() of the parameter group
+
+    def _compile(self, buffer: torch.Tensor) -> bool:
+        return buffer.device.type == "cuda" if self.compiled is None else self.compiled
 
     def _fusable(self, p: torch.Tensor) -> bool:
         cfg = self.fp8_config
@@ -154,18 +224,33 @@ class FusedFP8AdamW(FP8AdamW):
                 and all(self._quantized(p, m) for m in _MOMENTS))
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        # Keyed by the group's identity: a plan that outlives its group can only be reused for the
+        # very same tensors, which fits() checks.
+        plan = self._plans.get(id(group))
+        if plan is None or not plan.fits(params):
+            plan = self._plans[id(group)] = self._plan(group, params)
+        for index, p in plan.reference:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state)
+            self._update(p, state, group, index)
+        for bucket in plan.buckets:
+            bucket.step(group)
+
+    def _plan(self, group: dict[str, Any], params: list[torch.Tensor]) -> _GroupPlan:
+        plan = _GroupPlan(params)
         by_step: dict[tuple[float, torch.device], list[torch.Tensor]] = defaultdict(list)
         for index, p in self._params_with_grad(group):
             state = self.state[p]
             if not self._fusable(p):
-                if not state:
-                    self._init_state(p, state)
-                self._update(p, state, group, index)
+                plan.reference.append((index, p))
                 continue
             step = float(state["step"]) if state else 0.0
             by_step[(step, p.device)].append(p)
-        for params in by_step.values():  # tensors that skipped a step keep their own count
-            self._bucket(params).step(group)
+        # Tensors that skipped a step keep their own count, so they form a bucket of their own.
+        plan.buckets = [self._bucket(ps) for ps in by_step.values()]
+        return plan
 
     def _bucket(self, params: list[torch.Tensor]) -> _FlatBucket:
         key = tuple(id(p) for p in params)
@@ -182,3 +267,4 @@ class FusedFP8AdamW(FP8AdamW):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._buckets.clear()  # the loaded tensors replace the views; buckets are rebuilt from them
+        self._plans.clear()

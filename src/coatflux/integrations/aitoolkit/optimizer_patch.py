@@ -36,7 +36,7 @@ FP8_PARAMS_KEY = "fp8"
 #: Where ai-toolkit's training loop looks the factory up (observed at 27a03a9).
 PATCH_TARGET = "jobs.process.BaseSDTrainProcess"
 #: FP8AdamW's keyword arguments that ``train.optimizer_params`` may set.
-_ADAMW_KEYS = ("betas", "eps", "weight_decay", "seed")
+_ADAMW_KEYS = ("betas", "eps", "weight_decay", "seed", "compiled")  # compiled: FusedFP8AdamW's own
 
 
 def is_coat_optimizer(name: str | None) -> bool:
