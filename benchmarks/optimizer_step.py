@@ -115,13 +115,15 @@ def count_eager(params: list[torch.nn.Parameter]) -> tuple[int, int]:
 
 def count_compiled(params: list[torch.nn.Parameter]) -> tuple[int, int]:
     """Triton kernel launches and bytes (inductor's estimate) of the compiled update, generated here."""
+    from coatflux.kernels import quant
     from coatflux.kernels.adamw import bucket_update_
     from kernel_launches import _backend, _bytes, _count, _generate_only
 
     codes = _generate_only()
     optimizer = FusedFP8AdamW(params, lr=1e-4, fp8_config=FP8QuantizationConfig(min_quantized_numel=0),
                               compiled=True)
-    optimizer._compiled_update = torch.compile(bucket_update_, backend=_backend(codes, {}), fullgraph=True)
+    options = quant._inductor_options()  # as FusedFP8AdamW compiles it
+    optimizer._compiled_update = torch.compile(bucket_update_, backend=_backend(codes, options), fullgraph=True)
     optimizer.step()
     return sum(_count(code)[0] for code in codes), sum(_bytes(code)[0] for code in codes)
 

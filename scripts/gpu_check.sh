@@ -34,8 +34,8 @@
 #   FP8 GEMM shape of the step with use_fast_accum off and on, with the error of each; the GPU
 #   tests check both against the reference at K = 4096.
 # * FusedFP8AdamW now compiles its update over the flat buffers (185 eager operations, 38.8 GB of
-#   traffic for the bench's 85.9 M LoRA elements) into one kernel on a GPU, and reuses its grouping
-#   of the tensors between steps: COAT's optimizer column was 13 ms at 06:10. The GPU test of
+#   traffic for the bench's 85.9 M LoRA elements) into one or two kernels on a GPU and reuses its
+#   grouping of the tensors between steps: COAT's optimizer column was 13 ms at 06:10. The GPU test of
 #   tests/test_kernels.py checks the compiled step against the reference.
 # * The checkpointing and torchao rows have not run with cuDNN yet. This run measures every 1024 px
 #   recipe in one process with cuDNN and the hook (the trainer's default), COAT profiled, after

@@ -12,12 +12,12 @@ buffers (:func:`bucket_update_`), and the gradients and parameters move in and o
 while the same tensors have gradients (:class:`_GroupPlan`), so a step costs no per-tensor Python
 beyond collecting the gradients.
 
-On a GPU the update itself is compiled (``torch.compile``). Eagerly it is 185 PyTorch operations
+On a GPU with Triton the update itself is compiled (``torch.compile``). Eagerly it is 185 operations
 over the flat buffers, whose inputs and outputs hold 38.8 GB for the 85.9 M elements of a rank-16
 LoRA on all of FLUX.1-dev's block linears: 8 ms at an H200's 4.8 TB/s, and the H200 run of
 2026-11-27 06:10 measured 13 ms for the optimizer part of the compiled COAT step (376 ms in all).
-Compiled, it is one Triton kernel that reads each block once and writes the parameters, codes
-and metadata in place: 1.4 GB by inductor's estimate (``benchmarks/optimizer_step.py --count``).
+Compiled, it is one Triton kernel (two with torch 2.11) that reads each block and writes the
+parameters, codes and metadata in place: 1.4 GB by inductor's estimate (``benchmarks/optimizer_step.py --count``).
 The step's numbers (learning rate, bias corrections) go in as a tensor, so one compilation serves
 every step.
 
@@ -56,8 +56,9 @@ import torch
 import torch.nn.functional as F
 
 from coatflux.core.dre import DREBlocks, dre_dequantize, dre_quantize
-from coatflux.core.formats import FP8Format, get_format
+from coatflux.core.formats import FP8Format, get_format, uses_fast_path
 from coatflux.core.optim import _DRE_FIELDS, _MOMENTS, FP8AdamW, adamw_math_, adamw_scalars, local_tensor
+from coatflux.kernels import quant
 
 
 def _flat(tensors: list[torch.Tensor], block: int) -> torch.Tensor:
@@ -205,18 +206,23 @@ class FusedFP8AdamW(FP8AdamW):
 
     def __init__(self, *args: Any, compiled: bool | None = None, **kwargs: Any) -> None:
         """``compiled``: run each step's update as the code ``torch.compile`` generates from
-        :func:`bucket_update_` (one kernel) instead of its 185 PyTorch operations; None (the
-        default) compiles where the parameters are on a GPU. Other arguments are :class:`FP8AdamW`'s."""
+        :func:`bucket_update_` (one or two kernels) instead of its 185 PyTorch operations; None (the
+        default) compiles where coatflux's quantization kernels are compiled too: on a GPU with
+        Triton (:func:`~coatflux.core.formats.uses_fast_path`). Other arguments are
+        :class:`FP8AdamW`'s."""
         super().__init__(*args, **kwargs)
         if compiled is not None and not isinstance(compiled, bool):
             raise TypeError(f"FusedFP8AdamW: compiled must be true, false or null (None), got {compiled!r}")
         self.compiled = compiled
-        self._compiled_update = torch.compile(bucket_update_, fullgraph=True)
+        # Compiled with the options that make inductor's divisions round as eager's do.
+        self._compiled_update = torch.compile(bucket_update_, fullgraph=True, options=quant._inductor_options())
         self._buckets: dict[tuple[int, ...], _FlatBucket] = {}
         self._plans: dict[int, _GroupPlan] = {}  # by id() of the parameter group
 
     def _compile(self, buffer: torch.Tensor) -> bool:
-        return buffer.device.type == "cuda" if self.compiled is None else self.compiled
+        # None: where coatflux's other compiled kernels run (a GPU with Triton, unless
+        # COATFLUX_REFERENCE_KERNELS asks for the reference), so a box without Triton still trains.
+        return uses_fast_path(buffer.device) if self.compiled is None else self.compiled
 
     def _fusable(self, p: torch.Tensor) -> bool:
         cfg = self.fp8_config
