@@ -179,6 +179,9 @@ def test_compiled_update_matches_the_eager_one_and_compiles_once():
         torch.testing.assert_close(b, a, rtol=0, atol=float(ulp))
 
 
-def test_compiled_option_is_checked():
+def test_compiled_option_is_checked_and_defaults_to_where_the_fast_kernels_run():
     with pytest.raises(TypeError, match="compiled must be true, false or null"):
         FusedFP8AdamW([torch.zeros(4, requires_grad=True)], compiled="yes")
+    cpu = torch.zeros(4)
+    assert not FusedFP8AdamW([torch.zeros(4, requires_grad=True)])._compile(cpu)  # a CPU runs the eager update
+    assert FusedFP8AdamW([torch.zeros(4, requires_grad=True)], compiled=True)._compile(cpu)
