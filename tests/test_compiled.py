@@ -214,11 +214,14 @@ def _traced_against_eager(trainable: bool, scaled_mm: bool, backend: str, device
     if backend == "inductor":
         from torch._inductor.utils import run_and_get_code
 
-        traced, (forward_code, *_) = run_and_get_code(run, compiled)
+        traced, (forward_code, backward_code) = run_and_get_code(run, compiled)
         # the LoRA up-projection (scale 0.5) accumulates into the GEMM's output in place, not through
-        # an out-of-place addmm that first copies it (an addmm of the base GEMM's bias may remain)
+        # an out-of-place addmm that first copies it (an addmm of the base GEMM's bias may remain);
+        # backward adds grad_h @ A into the input gradient in place, and no addmm copies it either
         assert "torch.ops.coatflux.lora_addmm_.default(" in forward_code
         assert "alpha=0.5" not in forward_code
+        assert "torch.ops.coatflux.lora_addmm_.default(" in backward_code
+        assert "extern_kernels.addmm(" not in backward_code
         if scaled_mm:  # the layer's default, fp8_fast_accumulation, reaches the GEMM in the graph
             assert "use_fast_accum=True" in forward_code
     else:

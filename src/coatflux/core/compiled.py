@@ -491,7 +491,31 @@ def _feeds_gemm(node: fx.Node, depth: int = 3) -> bool:
             return True
         if depth and user.op == "call_method" and user.target in _RESHAPES and _feeds_gemm(user, depth - 1):
             return True
+        if _multiplied_inside(user, node, depth):
+            return True
     return False
+
+
+def _multiplied_inside(user: fx.Node, node: fx.Node, depth: int) -> bool:
+    """Whether ``user`` applies an ``autograd.Function`` whose forward multiplies ``node``.
+
+    Dynamo traces ``Function.apply`` as one ``autograd_function_apply`` node whose first argument
+    names its forward graph and whose operands follow, one placeholder of that graph each (torch
+    2.11 and 2.13). The FP8 linear of a compiled block is such a function
+    (:class:`~coatflux.core.linear._TracedFP8Function`): its adapter's down-projection multiplies
+    the input inside it.
+    """
+    apply = getattr(torch.ops.higher_order, "autograd_function_apply", None)
+    if apply is None or user.op != "call_function" or user.target is not apply:
+        return False
+    forward = getattr(user.graph.owning_module, str(user.args[0].target), None)
+    if not isinstance(forward, fx.GraphModule):
+        return False
+    operands = user.args[2:]
+    placeholders = [p for p in forward.graph.nodes if p.op == "placeholder"]
+    if len(placeholders) != len(operands):
+        return False
+    return any(operand is node and _feeds_gemm(p, depth) for operand, p in zip(operands, placeholders, strict=True))
 
 
 @functools.cache
