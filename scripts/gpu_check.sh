@@ -28,7 +28,8 @@
 #   (a separate reduction): 0.37 ms per call at 06:10 against 0.105 on the H100 before the fusion.
 # * Since then the compiled blocks add the LoRA up-projection into the FP8 GEMM's output in place
 #   (coatflux::lora_addmm_): 418 of the 494 memcpy128 copies of the 06:10 profile (7.1 ms in all)
-#   should be gone from the COAT profile.
+#   should be gone from the COAT profile; and backward adds grad_h @ A into the FP8 input gradient
+#   in place, so the other 76 (double blocks' backward) should be gone too.
 # * The FP8 GEMMs now use fast accumulation by default (activation.fp8_fast_accumulation, as COAT's
 #   Triton GEMMs on Hopper): the COAT rows measure it. benchmarks/fp8_accumulation.py times every
 #   FP8 GEMM shape of the step with use_fast_accum off and on, with the error of each; the GPU
