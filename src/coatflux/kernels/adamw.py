@@ -17,9 +17,10 @@ over the flat buffers, whose inputs and outputs hold 38.8 GB for the 85.9 M elem
 LoRA on all of FLUX.1-dev's block linears: 8 ms at an H200's 4.8 TB/s, and the H200 run of
 2026-11-27 06:10 measured 13 ms for the optimizer part of the compiled COAT step (376 ms in all).
 Compiled, it is one Triton kernel (two with torch 2.11) that reads each block and writes the
-parameters, codes and metadata in place: 1.4 GB by inductor's estimate (``benchmarks/optimizer_step.py --count``).
-The step's numbers (learning rate, bias corrections) go in as a tensor, so one compilation serves
-every step.
+parameters, codes and metadata in place: 1.4 GB by inductor's estimate
+(``benchmarks/optimizer_step.py --count``). The step's numbers (learning rate, bias corrections)
+go in as a tensor, copied to the GPU without a synchronization, so one compilation serves every
+step.
 
 Why the eager form is exact: every operation of the reference update is element-wise, and every
 DRE statistic is computed per block of ``block_size`` elements of one tensor. Padding each tensor
@@ -109,8 +110,8 @@ class _FlatBucket:
     The moments' FP8 codes and DRE metadata live in one flat buffer per field, and each
     parameter's optimizer state holds *views* into them, so a step decodes and encodes the whole
     set with no concatenation and no per-tensor splitting; the flat fp32 gradient and master
-    buffers are kept too (8 bytes per trainable element, 687 MB for a rank-16 LoRA on FLUX.1-dev's block linears),
-    so copying in and out is one ``torch._foreach_copy_`` each. The state dict still holds one
+    buffers are kept too (8 bytes per trainable element: 687 MB for a rank-16 LoRA on FLUX.1-dev's
+    block linears), so copying in and out is one ``torch._foreach_copy_`` each. The state dict still holds one
     entry per parameter with the reference's keys, shapes and dtypes (views of shared storage,
     which ``torch.save`` writes once).
     """
@@ -125,6 +126,7 @@ class _FlatBucket:
         device = locals_[0].device
         total = sum(self.sizes)
         self.master = torch.zeros(total, device=device)
+        self.scalars: torch.Tensor | None = None  # a compiled update's numbers, on the GPU (_on_device)
         self.grad = torch.zeros(total, device=device)
         self.master_views = self._views(self.master, locals_)
         self.grad_views = self._views(self.grad, locals_)
@@ -172,14 +174,25 @@ class _FlatBucket:
         formats = tuple(get_format(self.opt._format(moment)) for moment in _MOMENTS)
         scalars = adamw_scalars(step, group)
         if self.opt._compile(self.master):  # the step's numbers as an input, not as constants to compile
-            tensor = torch.tensor(scalars, dtype=torch.float32, device=self.master.device)
-            self.opt._compiled_update(self.master, self.grad, moments, metadata, tensor, formats, self.block)
+            self.opt._compiled_update(self.master, self.grad, moments, metadata, self._on_device(scalars),
+                                      formats, self.block)
         else:
             bucket_update_(self.master, self.grad, moments, metadata, scalars, formats, self.block)
         torch._foreach_copy_(locals_, self.master_views)
 
-    def _encoded(self, moment: str) -> DREBlocks:
-        return DREBlocks(self.flat[moment], *(self.flat[f"{moment}_{f}"] for f in _DRE_FIELDS))
+    def _on_device(self, scalars: tuple[float, ...]) -> torch.Tensor:
+        """The step's numbers in a tensor on the buffers' device, copied without waiting for the GPU.
+
+        ``torch.tensor(..., device="cuda")`` copies from pageable memory and then synchronizes the
+        stream: the host would wait for the whole backward pass before the update is even launched.
+        From pinned memory the copy is queued behind the kernels that read the last step's numbers.
+        """
+        host = torch.tensor(scalars, dtype=torch.float32)
+        if self.master.device.type != "cuda":
+            return host.to(self.master.device)
+        if self.scalars is None:
+            self.scalars = torch.empty(len(scalars), dtype=torch.float32, device=self.master.device)
+        return self.scalars.copy_(host.pin_memory(), non_blocking=True)
 
 
 @dataclass
