@@ -104,6 +104,25 @@ def test_fused_step_matches_reference_on_cuda():
     print(f"fused FP8AdamW on CUDA: {same}/{len(ref)} first-moment code tensors byte-identical")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_step_on_cuda_does_not_synchronize():
+    """After the first (compiling) step, a step queues its work without waiting for the GPU."""
+    gen = torch.Generator().manual_seed(0)
+    fused = [torch.randn(s, generator=gen).cuda().requires_grad_() for s in SHAPES[:3]]  # all in the bucket
+    opt = FusedFP8AdamW(fused, lr=1e-2)
+    assert all(opt._fusable(p) for p in fused)
+    for p in fused:
+        p.grad = torch.randn(p.shape, generator=gen).to(p)
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_fused_state_is_views_of_flat_buffers_saved_once():
     """The per-tensor state is views of the bucket's buffers; the checkpoint is as small as the reference's."""
     ref, fused, gen = _pair("cpu")
