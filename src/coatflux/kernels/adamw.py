@@ -49,7 +49,7 @@ unsharded run's state).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,8 +174,8 @@ class _FlatBucket:
         formats = tuple(get_format(self.opt._format(moment)) for moment in _MOMENTS)
         scalars = adamw_scalars(step, group)
         if self.opt._compile(self.master):  # the step's numbers as an input, not as constants to compile
-            self.opt._compiled_update(self.master, self.grad, moments, metadata, self._on_device(scalars),
-                                      formats, self.block)
+            self.opt._update_function()(self.master, self.grad, moments, metadata, self._on_device(scalars),
+                                        formats, self.block)
         else:
             bucket_update_(self.master, self.grad, moments, metadata, scalars, formats, self.block)
         torch._foreach_copy_(locals_, self.master_views)
@@ -227,10 +227,17 @@ class FusedFP8AdamW(FP8AdamW):
         if compiled is not None and not isinstance(compiled, bool):
             raise TypeError(f"FusedFP8AdamW: compiled must be true, false or null (None), got {compiled!r}")
         self.compiled = compiled
-        # Compiled with the options that make inductor's divisions round as eager's do.
-        self._compiled_update = torch.compile(bucket_update_, fullgraph=True, options=quant._inductor_options())
+        self._compiled_update: Callable[..., None] | None = None  # made on first use (see _update_function)
         self._buckets: dict[tuple[int, ...], _FlatBucket] = {}
         self._plans: dict[int, _GroupPlan] = {}  # by id() of the parameter group
+
+    def _update_function(self) -> Callable[..., None]:
+        """:func:`bucket_update_` compiled, with the options that make inductor's divisions round as
+        eager's do. Made on first use: importing the compiler costs seconds that a CPU run, which
+        never compiles the update, should not pay."""
+        if self._compiled_update is None:
+            self._compiled_update = torch.compile(bucket_update_, fullgraph=True, options=quant._inductor_options())
+        return self._compiled_update
 
     def _compile(self, buffer: torch.Tensor) -> bool:
         # None: where coatflux's other compiled kernels run (a GPU with Triton, unless
