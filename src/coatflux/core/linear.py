@@ -150,14 +150,14 @@ class _FP8LinearFunction(torch.autograd.Function):
             grad_b = g2.sum(0).to(grad_out.dtype)
         if lora_a is not None:
             a_dtype, b_dtype = ctx.lora_dtypes
-            g_h = _times(g2 @ lora_b, ctx.lora_scale)
+            g_h, grad_lb = _adapter_grads(g2, h, lora_b, ctx.lora_scale, True, need_lb)
             if need_x:
                 grad_x = grad_x.addmm_(g_h, lora_a)
             if need_a:
                 x_values = _saved_input_values(ctx, x_saved, x_scale, lora_a.dtype).reshape(m, k)
                 grad_a = (g_h.t() @ x_values).to(a_dtype)
             if need_lb:
-                grad_lb = _times(g2.t() @ h, ctx.lora_scale).to(b_dtype)
+                grad_lb = grad_lb.to(b_dtype)
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, grad_w, grad_b, grad_a, grad_lb, None, None
@@ -215,11 +215,10 @@ class _TracedFP8Function(torch.autograd.Function):
             grad_w = fp8_mm(gq.t().contiguous(), g_scale, xq.t().contiguous(), x_scale, ctx.weight_dtype,
                             ctx.fp8 and shape_supported(n, k, m), fast_accum=ctx.fast)
         if ctx.lora:
-            grad_h = _times(grad @ lora_b, ctx.alpha)
+            grad_h, grad_b = _adapter_grads(grad, h, lora_b, ctx.alpha, True, ctx.needs_input_grad[6])
             if grad_x is not None:
                 lora_addmm_(grad_x, grad_h, lora_a.t(), 1.0)  # grad_x += grad_h @ A, in place
             grad_a = grad_h.t() @ x2 if ctx.needs_input_grad[5] else None
-            grad_b = _times(grad.t() @ h, ctx.alpha) if ctx.needs_input_grad[6] else None
         return grad_x, grad_w, None, None, _bias_grad(ctx, grad, 4), grad_a, grad_b, None, None, None
 
 
@@ -261,9 +260,18 @@ class _TracedLoRAAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, b = ctx.saved_tensors
-        grad_h = _times(grad @ b, ctx.alpha) if ctx.needs_input_grad[1] else None
-        grad_b = _times(grad.t() @ h, ctx.alpha) if ctx.needs_input_grad[2] else None
+        grad_h, grad_b = _adapter_grads(grad, h, b, ctx.alpha, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         return grad, grad_h, grad_b, None
+
+
+def _adapter_grads(grad: torch.Tensor, h: torch.Tensor, b: torch.Tensor, alpha: float, need_h: bool,
+                   need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A LoRA up-projection's gradients from its output's ``grad`` (M x N): ``alpha * grad @ B``
+    for its input ``h`` (M x r) and ``alpha * grad.T @ h`` for ``B`` (N x r), each if needed; the
+    scale multiplies the rank-sized products only."""
+    grad_h = _times(grad @ b, alpha) if need_h else None
+    grad_b = _times(grad.t() @ h, alpha) if need_b else None
+    return grad_h, grad_b
 
 
 def _times(t: torch.Tensor, alpha: float) -> torch.Tensor:
