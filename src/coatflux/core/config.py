@@ -117,7 +117,9 @@ class ActivationConfig:
     dots of FP8 on sm_90 accumulate without promotion unless told otherwise), so COAT's H100 results
     were measured with it; torchao's float8 training does it in the forward GEMM. False
     gives cuBLAS's promoted accumulation, slower and more exact over FLUX's long sums (K up to
-    15,360); ``benchmarks/fp8_accumulation.py`` measures both. cuBLAS documents the mode as faster
+    15,360). ``benchmarks/fp8_accumulation.py`` measures both: on an H200 (2026-11-27 14:35) fast
+    accumulation took 83.6 against 88.4 ms of a 1024 px FLUX.1-dev step's FP8 GEMMs, at 49 to 54 dB
+    SQNR against 55.6 for promoted accumulation (both against the fp32 product). cuBLAS documents the mode as faster
     "on some GPUs"; where the tensor cores have no such mode (Triton promotes on Ada, sm_89) it
     need not change anything.
     ``keep_attention_bf16`` leaves scaled-dot-product attention's saved tensors untouched, as COAT

@@ -131,29 +131,28 @@ def _saturate(v: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
 
 
 def _pow2(exponent: torch.Tensor) -> torch.Tensor:
-    """Exactly ``2.0 ** exponent`` (integer ``exponent`` in [-127, 127]) as fp32, built from its bits.
+    """Exactly ``2.0 ** exponent`` (integer ``exponent`` in [-127, 127]) as fp32, from exact factors.
 
-    ``(exponent + 127) * 2**23`` is the fp32 bit pattern of ``2**exponent`` for every normal
-    result; ``2**-127`` is a subnormal (bits ``2**22``), selected apart. About five operations per
-    element where the product of exact power-of-two factors it replaced took about 45, and
-    inductor inlines it into every kernel that decodes or encodes a per-group scale (40 of the 123
-    of a compiled FLUX step): the single block's GELU backward went from 104 to 74.5 SASS
-    instructions per element (``benchmarks/kernel_sass.py``).
-
-    Every constant is an int32 tensor (``full_like``), not a Python number: an earlier version,
-    ``(exponent + 127).clamp(0, 254) << 23``, failed to compile on an H200 under torch 2.11 (the
-    integer reached Triton as int64: "Cannot bitcast data-type of size 64 to data-type of size
-    32"), and a product of two int32 tensors leaves nothing to widen. This one compiles for
-    ``sm_90`` with torch 2.11's inductor and Triton 3.6 on a CPU, but so did the earlier one there;
-    the GPU tests of ``tests/test_kernels_quant.py`` are the check. Chosen against ``exp2`` and
-    ``ldexp``, whose CUDA implementations do not promise exact results.
+    The product of ``2**(+-2**b)`` over the set bits ``b`` of ``|exponent|``: every factor and
+    every partial product is a power of two no smaller than the result, so each multiplication is
+    exact (2**-127 is an fp32 subnormal). Chosen against ``exp2`` and ``ldexp``, whose CUDA
+    implementations do not promise exact results, and against building the float from its bits,
+    twice: ``(exponent + 127) << 23`` viewed as fp32 reached Triton as int64 under torch 2.11
+    ("Cannot bitcast data-type of size 64 to data-type of size 32", H200, 2026-11-26), and
+    ``(k + 127) * 2**23`` with int32 tensor constants failed in inductor's CUDA tiling with dynamic
+    shapes ("CantSplit", H200, 2026-11-27 14:40: every compiled quantizer and the COAT bench row).
+    Both compiled for ``sm_90`` on a CPU, so a CPU cannot vouch for the next try. The bits would
+    save about 40 operations per element of each kernel that decodes or encodes a per-group scale
+    (``benchmarks/kernel_sass.py`` counted 71.5 against 88.8 ms of a 1024 px step at the issue rate).
     """
-    k = exponent.to(torch.int32)
-    bias = torch.full_like(k, 127)
-    mantissa_bits = torch.full_like(k, 1 << 23)
-    normal = ((k + bias) * mantissa_bits).view(torch.float32)
-    subnormal = torch.full_like(normal, 2.0**-127)
-    return torch.where(k == -127, subnormal, normal)
+    magnitude = exponent.abs()
+    negative = exponent < 0
+    one = torch.ones_like(exponent, dtype=torch.float32)
+    result = one
+    for bit in range(7):
+        factor = torch.where(negative, one * 2.0 ** -(2**bit), one * 2.0 ** (2**bit))
+        result = result * torch.where(((magnitude >> bit) & 1) == 1, factor, one)
+    return result
 
 
 def _fp32_bits(value: float) -> int:
@@ -282,8 +281,9 @@ def tensor_scale_ops(x: torch.Tensor, fmt: str | FP8Format, chunk: int | None = 
     ``chunk`` takes the first maxima over chunks of that many elements of each row instead, where
     the row's width is a static multiple of it (per row otherwise; the scale is the same). A wide
     row's maximum makes its producer a looped reduction kernel; chunks make it a reduction without
-    a loop, which inductor does not fuse with the producer. Which is faster is a GPU's question:
-    ``benchmarks/scale_fusion.py`` times both.
+    a loop, which inductor does not fuse with the producer. ``benchmarks/scale_fusion.py`` times
+    both: for the single block's GELU backward on an H200 (2026-11-27 14:35), 0.631 ms per row and
+    0.674 ms per chunk of 256, so the compiled blocks take the row.
     """
     fmt = get_format(fmt)
     return _codes_and_scale(x, _partial_maxima(x, chunk).amax(), _format_max(fmt), fmt)
