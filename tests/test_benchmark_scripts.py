@@ -141,6 +141,33 @@ def test_scale_fusion_times_every_formulation_and_checks_their_codes(tmp_path) -
         assert 20 < rows[name]["sqnr_db"] < 40  # E5M2 codes of the gradient: about 25 dB, not exact
 
 
+def test_pow2_formulations_checks_both_and_restores_the_library(tmp_path) -> None:
+    out = tmp_path / "pow2.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pow2_formulations.py"), "--device", "cpu", "--small",
+         "--tokens", "16", "--width", "512", "--wide", "640", "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["formulation"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"product", "bits"}
+    for row in rows.values():  # both formulations are exact, and inductor's CPU code compiles both
+        assert (row["pow2"], row["quantizer"], row["gelu_backward"]) == ("ok", "ok", "ok"), row
+        assert row["gelu_backward_ms"] > 0
+
+
+def test_pow2_formulation_swap_is_undone() -> None:
+    from coatflux.kernels import quant
+
+    pow2_formulations = _benchmark("pow2_formulations")
+
+    library = quant._pow2
+    with pow2_formulations.formulation(pow2_formulations.pow2_from_bits):
+        assert quant._pow2 is pow2_formulations.pow2_from_bits
+        k = torch.arange(-127, 128, dtype=torch.int32)
+        assert torch.equal(quant._pow2(k), torch.exp2(k.double()).float())
+    assert quant._pow2 is library
+
+
 def test_fp8_accumulation_covers_every_flux_gemm_shape_both_ways(tmp_path) -> None:
     out = tmp_path / "accumulation.json"
     result = subprocess.run(

@@ -133,6 +133,25 @@ def test_pow2_is_exact_eager_and_compiled():
     assert torch.equal(compiled(k), expected)
 
 
+def test_compiled_kernels_keep_sizes_symbolic_and_the_group_constant():
+    """One graph for every shape, with the group size traced as the number it is, not as a symbol."""
+    seen = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        seen.append([v for v in example_inputs if isinstance(v, torch.SymInt)])
+        return gm.forward
+
+    compiled = quant.compile_kernel(quant._quantize_group_fn(E4M3, 16), "test_group_constant", backend)
+    for shape in [(8, 40), (5, 72)]:
+        x = torch.randn(shape)
+        ref = quantize_reference(x, E4M3, "group", 16, pow2_scales=True)
+        codes, exponent = compiled(x)
+        _assert_identical(ref.data, codes)
+        _assert_identical(ref.scale, exponent)
+    assert len(seen) == 1  # the second shape reused the graph
+    assert len(seen[0]) == 2  # the two sizes of the rows; a symbolic group would be a third
+
+
 def test_dispatch_rule(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(formats, "fast_path_available", lambda device_type: True)

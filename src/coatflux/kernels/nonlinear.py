@@ -194,9 +194,7 @@ def _compiled(kind: str, key: tuple, backend: str) -> Callable:
     fn = _BUILDERS[kind](*key)
     if backend == "eager":
         return fn
-    fn = quant._own_code(fn, f"coatflux_{kind}_{'_'.join(_key_name(k) for k in key)}")
-    options = quant._inductor_options() if backend == "inductor" else None
-    return torch.compile(fn, backend=backend, dynamic=True, fullgraph=True, options=options)
+    return quant.compile_kernel(fn, f"coatflux_{kind}_{'_'.join(_key_name(k) for k in key)}", backend)
 
 
 def _present(*tensors: torch.Tensor | None) -> Flags:

@@ -321,6 +321,25 @@ _BUILDERS: dict[str, Callable[..., Callable]] = {
 }
 
 
+def compile_kernel(fn: Callable, name: str, backend: str | Callable) -> Callable:
+    """``fn`` (tensors in, tensors out; every other number a constant of its closure) compiled with
+    dynamic sizes and constant numbers, under ``name`` (see :func:`_own_code`).
+
+    ``dynamic=True`` keeps one graph for every token count. On its own it also makes dynamo trace
+    the closure's Python ints and floats -- the group size, a norm's ``eps`` -- as symbols, since
+    a closure cell is a local source: the group's reduction then had a symbolic length (a loop
+    where a group of 16 needs none), and with ``2**k`` built from its bits inductor's CUDA tiling
+    failed to prove the padded row divisible by it ("CantSplit": the per-group quantizer's GPU
+    test and the COAT bench on an H200, 2026-11-27 14:35). Each compiled function has one value
+    of each, fixed when it is built, so they are
+    traced as constants: dynamo's ``specialize_int``/``specialize_float``, patched for each call
+    (the patch is thread-local and holds only while that call may compile).
+    """
+    options = _inductor_options() if backend == "inductor" else None
+    compiled = torch.compile(_own_code(fn, name), backend=backend, dynamic=True, fullgraph=True, options=options)
+    return torch._dynamo.config.patch(specialize_int=True, specialize_float=True)(compiled)
+
+
 @functools.cache
 def _compiled(kind: str, key: tuple, backend: str) -> Callable:
     """The compiled function for one layout, format, group size and input/output dtypes."""
@@ -328,9 +347,7 @@ def _compiled(kind: str, key: tuple, backend: str) -> Callable:
     if backend == "eager":  # the traced functions run op by op: for debugging
         return fn
     suffix = "_".join(getattr(k, "name", None) or str(k).replace("torch.", "") for k in key)
-    fn = _own_code(fn, f"coatflux_{kind}_{suffix}")
-    options = _inductor_options() if backend == "inductor" else None
-    return torch.compile(fn, backend=backend, dynamic=True, fullgraph=True, options=options)
+    return compile_kernel(fn, f"coatflux_{kind}_{suffix}", backend)
 
 
 @functools.cache
