@@ -1,10 +1,12 @@
-"""``2**k`` of the per-group scales in two formulations, compiled where COAT compiles them: does each compile, is it exact, how fast.
+"""``2**k`` of the per-group scales in three formulations, compiled where COAT compiles them: does each compile, is it exact, how fast.
 
 What: ``kernels.quant._pow2`` turns an integer exponent into the fp32 ``2**k`` that scales a group
 of 16 values. The library builds it as a product of seven exact power-of-two factors selected bit
 by bit (``product``); ``bits`` builds the float from its bits, ``(k + 127) * 2**23`` viewed as fp32
-(``2**-127``, a subnormal, selected apart). For each formulation, with ``quant._pow2`` replaced by
-it while this script compiles (every compiled function and dynamo's caches made anew around it):
+(``2**-127``, a subnormal, selected apart); ``exp2`` takes ``exp2`` of the integer as fp32, exact
+wherever the device's ``exp2`` is exact at integers. For each formulation, with ``quant._pow2``
+replaced by it while this script compiles (every compiled function and dynamo's caches made anew
+around it):
 
 * ``pow2``: the formulation alone, compiled on the device, against ``exp2`` for every exponent;
 * ``quantizer``: the standalone per-group quantizer and dequantizer (``quantize_group_pow2``,
@@ -58,7 +60,16 @@ def pow2_from_bits(exponent: torch.Tensor) -> torch.Tensor:
     return torch.where(k == -127, torch.full_like(normal, 2.0**-127), normal)
 
 
-FORMULATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"product": quant._pow2, "bits": pow2_from_bits}
+def pow2_from_exp2(exponent: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** exponent`` through ``exp2`` of the integer as fp32, ``2**-127`` selected apart (a
+    flush-to-zero ``exp2`` would lose that subnormal). CUDA does not promise ``exp2f`` exact even at
+    integers, so only the check over all 255 exponents on the device can admit it."""
+    k = exponent.to(torch.int32)
+    return torch.where(k == -127, torch.full_like(k, 2.0**-127, dtype=torch.float32), torch.exp2(k.float()))
+
+
+FORMULATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "product": quant._pow2, "bits": pow2_from_bits, "exp2": pow2_from_exp2}
 
 
 def _fresh_compilers() -> None:

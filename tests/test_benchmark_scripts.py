@@ -141,7 +141,7 @@ def test_scale_fusion_times_every_formulation_and_checks_their_codes(tmp_path) -
         assert 20 < rows[name]["sqnr_db"] < 40  # E5M2 codes of the gradient: about 25 dB, not exact
 
 
-def test_pow2_formulations_checks_both_and_restores_the_library(tmp_path) -> None:
+def test_pow2_formulations_checks_each_formulation(tmp_path) -> None:
     out = tmp_path / "pow2.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "pow2_formulations.py"), "--device", "cpu", "--small",
@@ -149,8 +149,8 @@ def test_pow2_formulations_checks_both_and_restores_the_library(tmp_path) -> Non
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["formulation"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"product", "bits"}
-    for row in rows.values():  # both formulations are exact, and inductor's CPU code compiles both
+    assert set(rows) == {"product", "bits", "exp2"}
+    for row in rows.values():  # each is exact on this CPU, and inductor's CPU code compiles each
         assert (row["pow2"], row["quantizer"], row["gelu_backward"]) == ("ok", "ok", "ok"), row
         assert row["gelu_backward_ms"] > 0
 
