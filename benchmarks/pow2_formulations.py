@@ -1,12 +1,11 @@
 """``2**k`` of the per-group scales in three formulations, compiled where COAT compiles them: does each compile, is it exact, how fast.
 
 What: ``kernels.quant._pow2`` turns an integer exponent into the fp32 ``2**k`` that scales a group
-of 16 values. The library builds it as a product of seven exact power-of-two factors selected bit
-by bit (``product``); ``bits`` builds the float from its bits, ``(k + 127) * 2**23`` viewed as fp32
-(``2**-127``, a subnormal, selected apart); ``exp2`` takes ``exp2`` of the integer as fp32, exact
-wherever the device's ``exp2`` is exact at integers. For each formulation, with ``quant._pow2``
-replaced by it while this script compiles (every compiled function and dynamo's caches made anew
-around it):
+of 16 values. The library takes ``exp2`` of the integer as fp32, with ``2**-127`` (a subnormal)
+selected apart (``exp2``); before, it built the product of seven exact power-of-two factors
+selected bit by bit (``product``); ``bits`` builds the float from its bits, ``(k + 127) * 2**23``
+viewed as fp32. For each formulation, with ``quant._pow2`` replaced by it while this script
+compiles (every compiled function and dynamo's caches made anew around it):
 
 * ``pow2``: the formulation alone, compiled on the device, against ``exp2`` for every exponent;
 * ``quantizer``: the standalone per-group quantizer and dequantizer (``quantize_group_pow2``,
@@ -17,12 +16,14 @@ around it):
 
 Each cell says ``ok`` (with the time) or the error the compiler raised.
 
-Why: ``benchmarks/kernel_sass.py`` counted 71.5 against 88.8 ms of inductor's kernels per 1024 px
-step at the issue rate for ``bits`` (2026-11-27), but ``bits`` has failed to compile for CUDA
-twice, each time where a CPU compiled it: as ``(k + 127) << 23`` the integer reached Triton as int64
-(H200, 2026-11-26), and as the product of int32 tensors inductor's CUDA tiling raised ``CantSplit``
-in the standalone quantizer, whose group size was then a symbol (H200, 2026-11-27 14:35; it is a
-constant since). Only a GPU can say whether it compiles now and what it saves.
+Why: ``benchmarks/kernel_sass.py`` counts a 1024 px COAT step's inductor kernels at 85.6 ms at
+the issue rate with ``product``, 71.5 with ``exp2`` and 70.9 with ``bits`` (2026-11-27, this CPU
+compiling for sm_90). ``bits`` failed to compile for CUDA twice where a CPU compiled it: as
+``(k + 127) << 23`` the integer reached Triton as int64 (H200, 2026-11-26), and as a product of
+int32 tensors inductor's CUDA tiling raised ``CantSplit`` in the standalone quantizer, whose group
+size was then a symbol (H200, 2026-11-27 14:35; a constant since). ``exp2`` is exact only where the
+device's ``exp2`` is exact at integers, which CUDA does not promise (the reference's scales use
+``torch.exp2`` as well). Only a GPU can say which compile, which are exact there, and what each costs.
 
     python benchmarks/pow2_formulations.py [--tokens 4608] [--repeats 30] [--json FILE]
 
@@ -60,16 +61,21 @@ def pow2_from_bits(exponent: torch.Tensor) -> torch.Tensor:
     return torch.where(k == -127, torch.full_like(normal, 2.0**-127), normal)
 
 
-def pow2_from_exp2(exponent: torch.Tensor) -> torch.Tensor:
-    """``2.0 ** exponent`` through ``exp2`` of the integer as fp32, ``2**-127`` selected apart (a
-    flush-to-zero ``exp2`` would lose that subnormal). CUDA does not promise ``exp2f`` exact even at
-    integers, so only the check over all 255 exponents on the device can admit it."""
-    k = exponent.to(torch.int32)
-    return torch.where(k == -127, torch.full_like(k, 2.0**-127, dtype=torch.float32), torch.exp2(k.float()))
+def pow2_from_factors(exponent: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** exponent`` as the product of ``2**(+-2**b)`` over the set bits ``b`` of ``|exponent|``:
+    every partial product a power of two no smaller than the result, so every multiplication exact."""
+    magnitude = exponent.abs()
+    negative = exponent < 0
+    one = torch.ones_like(exponent, dtype=torch.float32)
+    result = one
+    for bit in range(7):
+        factor = torch.where(negative, one * 2.0 ** -(2**bit), one * 2.0 ** (2**bit))
+        result = result * torch.where(((magnitude >> bit) & 1) == 1, factor, one)
+    return result
 
 
 FORMULATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "product": quant._pow2, "bits": pow2_from_bits, "exp2": pow2_from_exp2}
+    "exp2": quant._pow2, "product": pow2_from_factors, "bits": pow2_from_bits}
 
 
 def _fresh_compilers() -> None:

@@ -18,8 +18,10 @@
 #   rerun's 240 s limit cut it while the second step recorded its CUDA graphs: the COAT row of
 #   this script has the time it needs now. The failure was in the standalone per-group quantizer
 #   (the GPU test's and, by the bench log's order, an eager linear's outside the compiled blocks),
-#   whose group size dynamo traced as a symbol; it is a constant since (kernels/quant.compile_kernel),
-#   and the pow2 stage asks whether the bits compile now.
+#   whose group size dynamo traced as a symbol; it is a constant since (kernels/quant.compile_kernel).
+#   _pow2 is now exp2 of the integer (71.5 ms at the issue rate by kernel_sass.py, product 85.6):
+#   the COAT rows and the GPU tests (all 255 exponents on the device) are its first GPU check, and
+#   the pow2 stage compares it with the product and the bits.
 # * Decided, so no longer run here (the scripts stay in benchmarks/): fast accumulation in FLUX's
 #   FP8 GEMMs saved 4.8 of 88.4 ms per step at 49-54 dB against 55.6 (fp8_accumulation.py), and
 #   stays the default; the GELU backward's scale by row maximum took 0.631 ms against 0.674 by
@@ -62,10 +64,9 @@ bench() {
 }
 
 # Second stage, for the minutes a session has left on the warm machine: first
-# "OUT=$OUT bash scripts/gpu_check.sh pow2" (carry [".whl"], timeout_s 210): whether 2**k built
-# from its bits, or by exp2, compiles for CUDA now that the standalone quantizers' group size is a
-# constant, is exact for all 255 exponents, and how much faster the single block's GELU backward
-# is with it than with the product of factors (pow2.json).
+# "OUT=$OUT bash scripts/gpu_check.sh pow2" (carry [".whl"], timeout_s 210): whether 2**k by
+# exp2 (the library's), from its bits, or as the product of factors compiles for CUDA, is exact
+# for all 255 exponents, and how fast the single block's GELU backward is with each (pow2.json).
 if [ "${1:-}" = "pow2" ]; then
   timeout 200 python3 benchmarks/pow2_formulations.py --repeats 30 --json "$OUT/pow2.json" 2>&1 \
     | grep -v "^DEBUG" | tee "$OUT/pow2.log"

@@ -134,6 +134,17 @@ def test_pow2_is_exact_eager_and_compiled():
     assert torch.equal(compiled(k), expected)
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_pow2_is_exact_on_cuda_eager_and_compiled():
+    """Every exponent on the device: CUDA does not promise ``exp2f`` exact at integers."""
+    k = torch.arange(-127, 128, dtype=torch.int32, device="cuda")
+    expected = torch.exp2(k.cpu().double()).float()
+    assert torch.equal(quant._pow2(k).cpu(), expected)
+    compiled = torch.compile(quant._pow2, backend="inductor", fullgraph=True, options=quant._inductor_options())
+    assert torch.equal(compiled(k).cpu(), expected)
+
+
 def test_compiled_kernels_keep_sizes_symbolic_and_the_group_constant():
     """One graph for every shape, with the group size traced as the number it is, not as a symbol."""
     seen = []

@@ -365,11 +365,13 @@ COAT_RECOMPUTE: tuple[Any, ...] = (torch.cat, torch.concat, torch.concatenate)
 
 #: Inductor settings for COAT's blocks. Inductor stores a point-wise result in its own buffer
 #: (a kernel of its own) once its expression exceeds ``realize_opcount_threshold`` operations (30).
-#: The power-of-two scale of each unpacked activation (:func:`coatflux.kernels.quant._pow2`, about
-#: 75 operations on an int8 exponent, chosen for exactness) crossed it, so each unpack took two
-#: kernels: the scales, then the multiplication. Above the chain's size it is computed where it is
-#: used: 874 fewer kernel launches per FLUX.1-dev step at 512 px, 9,937 to 9,063
-#: (``benchmarks/kernel_launches.py``), with the same values. ``force_pointwise_cat`` has every
+#: The power-of-two scale of each unpacked activation crossed it when
+#: :func:`coatflux.kernels.quant._pow2` was a product of exact factors (some 60 operations on an
+#: int8 exponent), so each unpack took two kernels: the scales, then the multiplication. Above the
+#: chain's size it is computed where it is used: 874 fewer kernel launches per FLUX.1-dev step at
+#: 512 px, 9,937 to 9,063 (``benchmarks/kernel_launches.py``), with the same values. ``_pow2`` is
+#: three operations now (an ``exp2``); the threshold stays, and what it changes since has not been
+#: counted again. ``force_pointwise_cat`` has every
 #: concatenation computed element by element where it is read rather than copied into place: FLUX's
 #: single block concatenates the attention output with the GELU output and feeds ``proj_out``,
 #: whose per-tensor scale needs the maximum of each row; as a point-wise expression the GELU, the

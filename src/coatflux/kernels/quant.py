@@ -131,28 +131,27 @@ def _saturate(v: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
 
 
 def _pow2(exponent: torch.Tensor) -> torch.Tensor:
-    """Exactly ``2.0 ** exponent`` (integer ``exponent`` in [-127, 127]) as fp32, from exact factors.
+    """Exactly ``2.0 ** exponent`` (integer ``exponent`` in [-127, 127]) as fp32: ``exp2`` of the
+    integer, with ``2**-127`` (a subnormal, which a flush-to-zero ``exp2`` would lose) selected apart.
 
-    The product of ``2**(+-2**b)`` over the set bits ``b`` of ``|exponent|``: every factor and
-    every partial product is a power of two no smaller than the result, so each multiplication is
-    exact (2**-127 is an fp32 subnormal). Chosen against ``exp2`` and ``ldexp``, whose CUDA
-    implementations do not promise exact results, and against building the float from its bits,
-    twice: ``(exponent + 127) << 23`` viewed as fp32 reached Triton as int64 under torch 2.11
-    ("Cannot bitcast data-type of size 64 to data-type of size 32", H200, 2026-11-26), and
-    ``(k + 127) * 2**23`` with int32 tensor constants failed in inductor's CUDA tiling with dynamic
-    shapes ("CantSplit", H200, 2026-11-27 14:40: every compiled quantizer and the COAT bench row).
-    Both compiled for ``sm_90`` on a CPU, so a CPU cannot vouch for the next try. The bits would
-    save about 40 operations per element of each kernel that decodes or encodes a per-group scale
-    (``benchmarks/kernel_sass.py`` counted 71.5 against 88.8 ms of a 1024 px step at the issue rate).
+    Three operations per element. Inductor inlines this into every kernel that decodes or encodes a
+    per-group scale, recomputed per element. ``benchmarks/kernel_sass.py`` counts a 1024 px COAT
+    step's inductor kernels at 71.5 ms at the issue rate with it, against 85.6 ms for the product of
+    seven exact power-of-two factors used before (x86_64 CPU compiling for sm_90, 2026-11-27).
+
+    Exactness: CUDA does not promise ``exp2f`` exact, but at an integer the result is a power of
+    two, and the reference (:func:`coatflux.core.formats.scale_from_amax`) computes its scales with
+    ``torch.exp2`` too: the GPU tests compare this path with it byte for byte, and check all 255
+    exponents on the device, compiled, as the CPU tests do here.
+
+    Chosen against building the float from its bits, which failed to compile for CUDA twice under
+    torch 2.11 ("Cannot bitcast data-type of size 64 to data-type of size 32", 2026-11-26;
+    "CantSplit" in the standalone quantizer, 2026-11-27, then with a symbolic group size), and
+    against that product of factors, some 60 operations (eight per bit of the exponent).
+    ``benchmarks/pow2_formulations.py`` compiles and times all three on a GPU.
     """
-    magnitude = exponent.abs()
-    negative = exponent < 0
-    one = torch.ones_like(exponent, dtype=torch.float32)
-    result = one
-    for bit in range(7):
-        factor = torch.where(negative, one * 2.0 ** -(2**bit), one * 2.0 ** (2**bit))
-        result = result * torch.where(((magnitude >> bit) & 1) == 1, factor, one)
-    return result
+    k = exponent.to(torch.int32)
+    return torch.where(k == -127, torch.full_like(k, 2.0**-127, dtype=torch.float32), torch.exp2(k.float()))
 
 
 def _fp32_bits(value: float) -> int:
@@ -331,9 +330,9 @@ def compile_kernel(fn: Callable, name: str, backend: str | Callable) -> Callable
     where a group of 16 needs none), and with ``2**k`` built from its bits inductor's CUDA tiling
     failed to prove the padded row divisible by it ("CantSplit": the per-group quantizer's GPU
     test and the COAT bench on an H200, 2026-11-27 14:35). Each compiled function has one value
-    of each, fixed when it is built, so they are
-    traced as constants: dynamo's ``specialize_int``/``specialize_float``, patched for each call
-    (the patch is thread-local and holds only while that call may compile).
+    of each, fixed when it is built, so they are traced as constants: dynamo's ``specialize_int``
+    and ``specialize_float``, patched around each call, since any call may compile (about 8 us per
+    call on a 2-core CPU, against some 200 us for the call itself).
     """
     options = _inductor_options() if backend == "inductor" else None
     compiled = torch.compile(_own_code(fn, name), backend=backend, dynamic=True, fullgraph=True, options=options)
