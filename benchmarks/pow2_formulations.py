@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -47,8 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coatflux.core.compiled import coat_compile_options
 from coatflux.core.formats import E4M3, dequantize_reference, quantize_reference
 from coatflux.kernels import nonlinear, quant
-from coatflux.kernels.quant import group_pow2_ops
-from scale_fusion import GROUP, time_call, variants
+from scale_fusion import GROUP, add_shape_arguments, card_header, gelu_inputs, time_call, variants, write_json
 
 FLUX_SHAPES = [(1, 3072), (512, 4096), (4608, 3072)]
 TEST_SHAPES = [(64, 48), (3, 5, 21), (1,)]
@@ -121,13 +117,10 @@ def check_quantizer(shapes: list[tuple[int, ...]], device: torch.device) -> str:
     return "ok"
 
 
-def time_gelu_backward(tokens: int, width: int, wide: int, repeats: int, device: torch.device) -> float:
-    gen = torch.Generator().manual_seed(0)
-    saved = torch.randn(tokens, width, generator=gen).to(device, torch.bfloat16)
-    grad_wide = torch.randn(tokens, wide, generator=gen).to(device, torch.bfloat16)
-    codes, exponent = group_pow2_ops(saved, "e4m3", GROUP)
+def time_gelu_backward(args: argparse.Namespace, device: torch.device) -> float:
+    _, grad_wide, codes, exponent = gelu_inputs(args, device)
     compiled = torch.compile(variants([])["coat-row"], dynamic=True, options=coat_compile_options({})["options"])
-    return time_call(compiled, (codes, exponent, grad_wide), repeats, device)
+    return time_call(compiled, (codes, exponent, grad_wide), args.repeats, device)
 
 
 def measure(pow2: Callable, args: argparse.Namespace, device: torch.device) -> dict[str, str | float]:
@@ -140,7 +133,7 @@ def measure(pow2: Callable, args: argparse.Namespace, device: torch.device) -> d
             except Exception as exc:  # a compiler error is this script's finding, not its failure
                 row[name] = _error(exc)
         try:
-            row["gelu_backward_ms"] = time_gelu_backward(args.tokens, args.width, args.wide, args.repeats, device)
+            row["gelu_backward_ms"] = time_gelu_backward(args, device)
             row["gelu_backward"] = "ok"
         except Exception as exc:
             row["gelu_backward"] = _error(exc)
@@ -149,29 +142,19 @@ def measure(pow2: Callable, args: argparse.Namespace, device: torch.device) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4608)
-    parser.add_argument("--width", type=int, default=12288, help="the MLP's width (a multiple of 16)")
-    parser.add_argument("--wide", type=int, default=15360, help="the width of the gradient it is a slice of")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shape_arguments(parser, repeats=30)
     parser.add_argument("--small", action="store_true", help="one small shape (for a CPU check of the script)")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     args.shapes = TEST_SHAPES[:1] if args.small else TEST_SHAPES + FLUX_SHAPES
     device = torch.device(args.device)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"pow2_formulations: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"GELU backward {args.tokens} tokens x {args.width} (slice of {args.wide}), median of {args.repeats}")
+    card = card_header("pow2_formulations", args, device)
     rows = []
     for name, pow2 in FORMULATIONS.items():
         row = {"formulation": name, **measure(pow2, args, device)}
         rows.append(row)
         timing = f"{row['gelu_backward_ms']:.3f} ms" if "gelu_backward_ms" in row else row["gelu_backward"]
         print(f"  {name:8s} pow2: {row['pow2']}; quantizer: {row['quantizer']}; GELU backward: {timing}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": card, "torch": torch.__version__, "tokens": args.tokens, "width": args.width,
-                       "wide": args.wide, "rows": rows}, f, indent=1)
+    write_json(args, card, rows)
 
 
 if __name__ == "__main__":

@@ -88,24 +88,49 @@ def moved_bytes(args: tuple, out: object) -> int:
     return sum(t.numel() * t.element_size() for t in (*args, *outs))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The single block's GELU-backward shape, the repeats, the device and the JSON file (shared with
+    ``pow2_formulations.py``)."""
     parser.add_argument("--tokens", type=int, default=4608)
     parser.add_argument("--width", type=int, default=12288, help="the MLP's width (a multiple of 16)")
     parser.add_argument("--wide", type=int, default=15360, help="the width of the gradient it is a slice of")
-    parser.add_argument("--chunks", type=int, nargs="*", default=[256, 1024])
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+
+
+def gelu_inputs(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(saved, grad_wide, codes, exponent)``: a bf16 GELU input, the wide gradient it takes a slice
+    of, and the input's per-group FP8 codes and exponents."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     saved = torch.randn(args.tokens, args.width, generator=gen).to(device, torch.bfloat16)
     grad_wide = torch.randn(args.tokens, args.wide, generator=gen).to(device, torch.bfloat16)
-    codes, exponent = group_pow2_ops(saved, "e4m3", GROUP)
+    return saved, grad_wide, *group_pow2_ops(saved, "e4m3", GROUP)
+
+
+def card_header(script: str, args: argparse.Namespace, device: torch.device) -> str:
+    """Print what and where this run measures; returns the card (or CPU) name."""
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"scale_fusion: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"{args.tokens} tokens x {args.width} (slice of {args.wide}), median of {args.repeats}")
+    print(f"{script}: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+          f"GELU backward {args.tokens} tokens x {args.width} (slice of {args.wide}), median of {args.repeats}")
+    return card
+
+
+def write_json(args: argparse.Namespace, card: str, rows: list[dict]) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "torch": torch.__version__, "tokens": args.tokens, "width": args.width,
+                       "wide": args.wide, "rows": rows}, f, indent=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(parser, repeats=50)
+    parser.add_argument("--chunks", type=int, nargs="*", default=[256, 1024])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    saved, grad_wide, codes, exponent = gelu_inputs(args, device)
+    card = card_header("scale_fusion", args, device)
     options = coat_compile_options({})["options"]
     grad_ref, _, scale_ref = variants([])["coat-row"](codes, exponent, grad_wide)  # eager
     rows = []
@@ -122,10 +147,7 @@ def main() -> None:
             note = f"codes {row['sqnr_db']:5.1f} dB, scale {'as' if row['scale_as_eager'] else 'unlike'} eager"
         rows.append(row)
         print(f"  {name:16s} {ms:8.3f} ms  {row['gb_per_s']:7.0f} GB/s  {note}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": card, "torch": torch.__version__, "tokens": args.tokens, "width": args.width,
-                       "wide": args.wide, "rows": rows}, f, indent=1)
+    write_json(args, card, rows)
 
 
 if __name__ == "__main__":
