@@ -331,8 +331,8 @@ def compile_kernel(fn: Callable, name: str, backend: str | Callable) -> Callable
     failed to prove the padded row divisible by it ("CantSplit": the per-group quantizer's GPU
     test and the COAT bench on an H200, 2026-11-27 14:35). Each compiled function has one value
     of each, fixed when it is built, so they are traced as constants: dynamo's ``specialize_int``
-    and ``specialize_float``, patched around each call, since any call may compile (about 8 us per
-    call on a 2-core CPU, against some 200 us for the call itself).
+    and ``specialize_float``, patched around each call, since any call may compile (a few config
+    assignments per call, as :func:`coatflux.core.compiled.compile_module` pays for the blocks).
     """
     options = _inductor_options() if backend == "inductor" else None
     compiled = torch.compile(_own_code(fn, name), backend=backend, dynamic=True, fullgraph=True, options=options)
