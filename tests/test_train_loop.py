@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -336,3 +337,45 @@ def test_zero_gradients_drops_or_zeroes_in_place() -> None:
     assert all(p.grad is b and not b.any() for p, b in zip(params, buffers, strict=True))
     zero_gradients(optimizer, params, keep_buffers=False)
     assert all(p.grad is None for p in params)
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ``.item()``/``float()``/``bool()`` on tensors, which on a GPU wait for its queue to drain,
+    except of the optimizer's step counters: those live on the CPU, as in ``torch.optim``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__()
+        self.optimizer, self.reads = optimizer, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            counters = [state.get("step") for state in self.optimizer.state.values()]
+            self.reads += not any(args[0] is counter for counter in counters)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_reads_its_loss_and_gradient_norm_in_one_transfer(tmp_path: Path, tiny_flux_dir: Path,
+                                                                 monkeypatch) -> None:
+    """One host read per step (``tolist`` of both numbers, which the mode does not see): the loop
+    used to read the loss, then the norm's finiteness, and a GPU idled after each."""
+    from coatflux.trainer import loop
+
+    reads, tolists, original_step, original_tolist = [], [0], loop._Loop.step, torch.Tensor.tolist
+
+    def counted_step(self, state, stream):
+        with _ScalarReads(self.run_.optimizer) as mode:
+            value = original_step(self, state, stream)
+        reads.append(mode.reads)
+        return value
+
+    def counted_tolist(self):
+        tolists[0] += 1
+        return original_tolist(self)
+    monkeypatch.setattr(loop._Loop, "step", counted_step)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    result = run_job(tmp_path, job_dict(tiny_flux_dir, tmp_path, train={
+        "steps": 3, "lr": 1e-3, "optimizer": "coat_fp8_adamw", "max_grad_norm": 1.0, "dtype": "bf16",
+        "gradient_checkpointing": False, "disable_sampling": True, "batch_size": 2}))
+    assert result.steps == 3 and all(map(math.isfinite, result.losses))
+    assert reads == [0, 0, 0]
+    assert tolists[0] == 3

@@ -339,6 +339,13 @@ def zero_gradients(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
             param.grad.zero_()
 
 
+def _to_host(*scalars: torch.Tensor) -> list[float]:
+    """Scalar tensors as floats, in one read: each read waits for the GPU to drain its queue, and
+    the GPU then idles until the host has launched what follows (a step used to read twice)."""
+    device = scalars[0].device
+    return torch.stack([t.float().to(device) for t in scalars]).tolist()
+
+
 class _Loop:
     """One optimizer step at a time, with logging, saving, sampling and fault handling."""
 
@@ -468,8 +475,10 @@ class _Loop:
                 (loss / accumulation).backward()
             losses.append(loss.detach())
         self._report("after_backward", number)
-        loss_value = run.runtime.mean(float(torch.stack(losses).mean()))
-        self._apply_or_skip(state, number, loss_value, losses, micro)
+        norm = gradient_norm(self.params)  # gradients are already averaged over processes
+        local_loss, norm_value = _to_host(torch.stack(losses).mean(), norm)
+        loss_value = run.runtime.mean(local_loss)
+        self._apply_or_skip(state, number, loss_value, norm, norm_value, losses, micro)
         self._report("after_optimizer_step", number)
         if self.monitor is not None:
             from coatflux.core.stats import format_counts
@@ -481,11 +490,10 @@ class _Loop:
             tqdm.write(format_table(self.table))
         return loss_value
 
-    def _apply_or_skip(self, state: _State, number: int, loss: float, losses: list[torch.Tensor],
-                       micro: list[tuple[int, list[Item]]]) -> None:
+    def _apply_or_skip(self, state: _State, number: int, loss: float, norm: torch.Tensor, norm_value: float,
+                       losses: list[torch.Tensor], micro: list[tuple[int, list[Item]]]) -> None:
         run = self.run_
-        norm = gradient_norm(self.params)  # gradients are already averaged over processes
-        if not (math.isfinite(loss) and torch.isfinite(norm)):
+        if not (math.isfinite(loss) and math.isfinite(norm_value)):
             self._skip(state, number, loss, losses, micro)
             return
         # Adafactor scales its own updates; ai-toolkit does not clip it either.
