@@ -12,6 +12,12 @@ import pytest
 # Tests must never reach the hub; make any accidental download fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# scripts/test.sh runs two pytest-xdist workers on CI's two cores: one compute thread each, since two
+# workers with a thread per core each oversubscribe the cores and OpenMP's waiting threads spin.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
