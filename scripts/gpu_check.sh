@@ -7,8 +7,9 @@
 # safetensors and huggingface_hub but not diffusers: the wheels listed in scripts/gpu_wheels.txt
 # travel in .whl/. Device call: carry [".whl"] on EVERY call (a carry list without it removes .whl/
 # on the machine), timeout_s 595. At most 8 files come back, so $OUT (default /tmp/coatflux_out) gets
-# env.txt, bench.log (every bench's log), bench_flash.json, bench.json, gpu_tests.log (the 512
-# stage: bench512_flash.json, bench512.json, bench.log; the pow2 stage: pow2.json, pow2.log). Render the JSONs' markdown here with
+# env.txt, bench.log (every bench's log), bench_flash.json, bench.json, gpu_tests.log (the batch
+# stage: batch.json, bench.log; the 512 stage: bench512_flash.json, bench512.json, bench.log; the
+# pow2 stage: pow2.json, pow2.log). Render the JSONs' markdown here with
 # `coatflux bench --render A.json B.json ... --markdown FILE.md`.
 #
 # What the GPU session of 2026-11-27 14:35-14:53 (H200, docs/runs/h200-2026-11-27-14*) taught:
@@ -64,7 +65,19 @@ bench() {
   echo "$name exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
 }
 
-# Second stage, for the minutes a session has left on the warm machine: first
+# Second stage, for the minutes a session has left on the warm machine: the largest batch at
+# 1024 px, which no GPU session has measured yet (issue 5 asks for it):
+# "OUT=$OUT bash scripts/gpu_check.sh batch" (carry [".whl"], timeout_s 200), right after the first
+# call, on the warm machine. Eager bf16 and eager COAT, searched by doubling then bisection (batch.json):
+# eager, because a compiled recipe leaving batch 1 compiles its blocks again (dynamo specializes a
+# size of 1), two minutes more for COAT, and CUDA graphs keep each batch's memory pool.
+if [ "${1:-}" = "batch" ]; then
+  bench batch 190 --resolutions 1024 --allow-cudnn-attention --configs bf16 coat --steps 3 --warmup 1 \
+    --max-batch-search --max-batch-configs bf16 coat --max-batch-steps 3 --budget-s 180
+  exit 0
+fi
+
+# Where the first call's COAT row or the GPU test of exp2 failed, instead of the batch stage:
 # "OUT=$OUT bash scripts/gpu_check.sh pow2" (carry [".whl"], timeout_s 210): whether 2**k by
 # exp2 (the library's), from its bits, or as the product of factors compiles for CUDA, is exact
 # for all 255 exponents, and how fast the single block's GELU backward is with each (pow2.json).
