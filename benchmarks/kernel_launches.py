@@ -135,7 +135,9 @@ def _backend(codes: list[str], options: dict) -> Callable:
                         partition_fn=min_cut_rematerialization_partition)
 
 
-def _run(recipe: str, resolution: int, plain_below: int | None, codes: list[str]) -> None:
+def _run(recipe: str, resolution: int, plain_below: int | None, codes: list[str],
+         coat_options: dict | None = None) -> None:
+    """One forward and backward of the recipe's model; ``coat_options`` override COAT's inductor options."""
     from coatflux.core.api import apply_coat
     from coatflux.core.config import ActivationConfig, COATConfig
     from coatflux.core.linear import FP8Linear
@@ -144,7 +146,8 @@ def _run(recipe: str, resolution: int, plain_below: int | None, codes: list[str]
     model = build_transformer(preset, "cpu").requires_grad_(False)
     from coatflux.core.compiled import coat_compile_options
 
-    inductor_options = coat_compile_options({})["options"] if recipe == "coat-compiled" else {}
+    inductor_options = coat_compile_options({"options": coat_options or {}})["options"] \
+        if recipe == "coat-compiled" else {}
     options = {"backend": _backend(codes, inductor_options), "dynamic": True}
     if recipe == "coat-compiled":
         apply_coat(model, COATConfig(activation=ActivationConfig(compile_blocks=True)), compile_options=options)

@@ -30,6 +30,7 @@ none.
 
     pip install triton
     python benchmarks/kernel_sass.py [--resolution 1024] [--recipes coat-compiled bf16-compiled] [--top 15]
+        [--coat-option realize_opcount_threshold=30]
 """
 
 from __future__ import annotations
@@ -199,6 +200,21 @@ def analyse(code: str, folder: Path, tools: Path) -> list[Kernel]:
     return kernels
 
 
+def _coat_options(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, int]:
+    """``NAME=INT`` entries that replace COAT's inductor options (:data:`COAT_INDUCTOR_OPTIONS`) here."""
+    from coatflux.core.compiled import COAT_INDUCTOR_OPTIONS
+
+    options = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in COAT_INDUCTOR_OPTIONS or not value.lstrip("-").isdigit():
+            parser.error(f"--coat-option {pair!r}: expected NAME=INT with NAME one of {sorted(COAT_INDUCTOR_OPTIONS)}")
+        options[name] = int(value)
+    if options:
+        print(f"kernel_sass: COAT's inductor options {dict(COAT_INDUCTOR_OPTIONS)}, here with {options}")
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=1024)
@@ -206,7 +222,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="list the N kernels that issue the most per step")
     parser.add_argument("--sms", type=int, default=132, help="streaming multiprocessors (H100 SXM and H200: 132)")
     parser.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock (H100 SXM and H200 boost: 1.98)")
+    parser.add_argument("--coat-option", action="append", default=[], metavar="NAME=INT",
+                        help="replace one of core.compiled.COAT_INDUCTOR_OPTIONS in this count, e.g. "
+                             "realize_opcount_threshold=30 (repeatable)")
     args = parser.parse_args()
+    coat_options = _coat_options(args.coat_option, parser)
     if importlib.util.find_spec("triton") is None:
         sys.exit("kernel_sass: needs Triton to generate and compile inductor's GPU code (pip install triton)")
     import triton
@@ -225,7 +245,7 @@ def main() -> None:
             torch._dynamo.reset()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _run(recipe, args.resolution, None, codes)
+                _run(recipe, args.resolution, None, codes, coat_options)
             generated = codes[start:]
             if len(generated) != len(GRAPHS):
                 sys.exit(f"kernel_sass: {recipe} compiled {len(generated)} graphs, expected {len(GRAPHS)}")

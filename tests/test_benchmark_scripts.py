@@ -127,6 +127,18 @@ def test_kernel_sass_counts_the_longest_loop() -> None:
     assert kernel_sass._loop_body([(0x00, "BRA 0x10"), (0x10, "EXIT")]) is None  # forward branches only
 
 
+def test_kernel_sass_replaces_only_coat_options_it_knows() -> None:
+    import argparse
+
+    kernel_sass = _kernel_sass()
+    parser = argparse.ArgumentParser()
+    assert kernel_sass._coat_options(["realize_opcount_threshold=30"], parser) == {"realize_opcount_threshold": 30}
+    assert kernel_sass._coat_options([], parser) == {}
+    for bad in ("max_autotune=1", "realize_opcount_threshold", "realize_opcount_threshold=3.5"):
+        with pytest.raises(SystemExit):
+            kernel_sass._coat_options([bad], parser)
+
+
 def test_scale_fusion_times_every_formulation_and_checks_their_codes(tmp_path) -> None:
     out = tmp_path / "scale_fusion.json"
     result = subprocess.run(
