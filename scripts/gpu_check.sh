@@ -21,8 +21,8 @@
 #   (the GPU test's and, by the bench log's order, an eager linear's outside the compiled blocks),
 #   whose group size dynamo traced as a symbol; it is a constant since (kernels/quant.compile_kernel).
 #   _pow2 is now exp2 of the integer (71.5 ms at the issue rate by kernel_sass.py, product 85.6):
-#   the COAT rows and the GPU tests (all 255 exponents on the device) are its first GPU check, and
-#   the pow2 stage compares it with the product and the bits.
+#   the COAT rows and the GPU tests (all 255 exponents on the device) are its first GPU check; where
+#   either fails, the pow2 stage compares it with the product and the bits.
 # * Decided, so no longer run here (the scripts stay in benchmarks/): fast accumulation in FLUX's
 #   FP8 GEMMs saved 4.8 of 88.4 ms per step at 49-54 dB against 55.6 (fp8_accumulation.py), and
 #   stays the default; the GELU backward's scale by row maximum took 0.631 ms against 0.674 by
