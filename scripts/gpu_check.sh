@@ -32,7 +32,9 @@
 #   0.593 s on the rerun's machine: compare rows of one run only.
 # * Still unmeasured on a GPU: the in-place LoRA add into the FP8 GEMM's output and input gradient
 #   (coatflux::lora_addmm_), the compiled fused FP8AdamW update (COAT's optimizer column was 13 ms at
-#   06:10), fast accumulation inside the COAT step. Their GPU tests passed at 14:35.
+#   06:10), fast accumulation inside the COAT step. Their GPU tests passed at 14:35. Since then
+#   also the single block's LoRA gradient of proj_out multiplied per part of its concatenation
+#   (core/passes.py, 71.5 to 64.4 ms at the issue rate); its GPU test is in tests/test_passes.py.
 # * The compile cache (.cache/compile-cache.bin, 84.5 MiB at 14:35) is too big to come back, so it
 #   only helps a second stage on the same warm machine. First steps on an H200: COAT 122-154 s,
 #   torchao 42-48 s, compiled bf16 29-38 s.
@@ -104,9 +106,10 @@ TORCH_LOGS=recompiles bench bench 410 --resolutions 1024 --allow-cudnn-attention
   coat-compiled+cudagraphs bf16-compiled+cudagraphs torchao-compiled bf16+ckpt \
   --profile coat-compiled+cudagraphs --budget-s 390
 
-# The FP8 GEMM's tests, the compiled quantizers' against the reference byte for byte, the fused
+# The FP8 GEMM's tests, the split concatenated product in a compiled block against eager, the
+# compiled quantizers' against the reference byte for byte, the fused
 # FP8AdamW's compiled step against the reference (the hooked tiny FLUX on cuDNN passed at 06:10
 # and is left out for time). pytest prints the captured DEBUG log of a failure: left out.
-timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short tests/test_linear.py \
+timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short tests/test_linear.py tests/test_passes.py \
   tests/test_kernels_quant.py tests/test_kernels.py 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log"
 echo "GPU tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
