@@ -28,6 +28,7 @@ pattern above, with static part widths; anything else is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ def split_concatenated_operand(graph: fx.Graph, mm: fx.Node) -> bool:
     if parts is None:
         return False
     left = mm.args[0]
-    with graph.inserting_before(mm), _fake_mode(mm):
+    with graph.inserting_before(mm), _fake_mode(parts[0]):
         products = []
         for part in parts:
             width = part.meta["val"].shape[-1]
@@ -95,10 +96,12 @@ def _concatenated_parts(mm: fx.Node) -> list[fx.Node] | None:
 
 
 def _fake_mode(node: fx.Node) -> Any:
-    """The fake mode of ``node``'s graph, for the new nodes' example values."""
+    """The fake mode of ``node``'s example value, in which the new nodes' values are computed (a
+    graph traced with real example values has none: they are computed as they are)."""
     from torch._guards import detect_fake_mode
 
-    return detect_fake_mode([node.meta["val"]])
+    mode = detect_fake_mode([node.meta["val"]])
+    return mode if mode is not None else contextlib.nullcontext()
 
 
 def _call(graph: fx.Graph, target: Any, *args: Any) -> fx.Node:
