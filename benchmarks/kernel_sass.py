@@ -204,11 +204,12 @@ def _coat_options(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str
     """``NAME=INT`` entries that replace COAT's inductor options (:data:`COAT_INDUCTOR_OPTIONS`) here."""
     from coatflux.core.compiled import COAT_INDUCTOR_OPTIONS
 
+    numeric = sorted(name for name, value in COAT_INDUCTOR_OPTIONS.items() if isinstance(value, int))  # not the pass
     options = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        if name not in COAT_INDUCTOR_OPTIONS or not value.lstrip("-").isdigit():
-            parser.error(f"--coat-option {pair!r}: expected NAME=INT with NAME one of {sorted(COAT_INDUCTOR_OPTIONS)}")
+        if name not in numeric or not value.lstrip("-").isdigit():
+            parser.error(f"--coat-option {pair!r}: expected NAME=INT with NAME one of {numeric}")
         options[name] = int(value)
     if options:
         print(f"kernel_sass: COAT's inductor options {dict(COAT_INDUCTOR_OPTIONS)}, here with {options}")

@@ -46,9 +46,8 @@ class SplitConcatenatedOperand(CustomGraphPass):
     """
 
     def __call__(self, graph: fx.Graph) -> None:
-        rewritten = [mm for mm in list(graph.find_nodes(op="call_function", target=_aten.mm.default))
-                     if split_concatenated_operand(graph, mm)]
-        if rewritten:
+        products = list(graph.find_nodes(op="call_function", target=_aten.mm.default))  # the graph changes below
+        if sum(split_concatenated_operand(graph, mm) for mm in products):
             graph.eliminate_dead_code()  # the concatenation and its reshape, now unread
 
     def uuid(self) -> Any:
