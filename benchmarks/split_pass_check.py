@@ -14,6 +14,7 @@ post-grad passes, and a cached graph would compare nothing.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import platform
 import warnings
@@ -55,6 +56,7 @@ def lora_gradients(base: nn.Module, compile_options: dict, batch: dict[str, torc
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help says what it does
     torch._inductor.config.fx_graph_cache = False
     counting = CountingSplit()
     runs = {"aot_eager": {"backend": "aot_eager"},
