@@ -17,16 +17,21 @@ quarter of it. The single block's GELU backward took 0.37 ms per call for some 2
 times its bandwidth bound: if the kernels are limited by the instructions they issue, a CPU can
 count them. Not a time: what the instructions would take at the full issue rate (no stall, no
 memory wait, no launch), to compare formulations of the same kernel and to rank kernels before
-GPU time is spent on them. Against the H200's profile of 2026-11-27 06:10, five of the largest
-kernels took 0.46x to 3.8x their count (``docs/benchmarks-notes.md``): neither a bound nor a
-prediction of any one kernel.
+GPU time is spent on them. Counted with the GPU image's inductor (torch 2.11.0, Triton 3.6.0) on
+the code of the H200 run of 2026-11-27 06:10, that run's profile took 1.39x the count over all of
+inductor's kernels (100.6 against 72.6 ms) and 0.71x to 3.2x it in seven of the largest
+(``docs/benchmarks-notes.md``): neither a bound nor a prediction of any one kernel.
 
 How, and what it does not see: the code is what inductor writes for a CPU device
 (``cpu_backend="triton"``). A GPU autotunes among the configurations inductor's heuristics offer
 (block sizes, warps); this counts each and takes the least. Inductor also stores a reused
 ``tanh`` for a CPU device where a GPU recomputes it (see ``kernel_launches.py``). The loop body
 is the longest backward branch's range; a kernel whose loop ``ptxas`` unrolled counts as having
-none.
+none. Each kernel is compiled with the alignment hints inductor passes to Triton
+(``tt.divisibility`` of its pointers and sizes), as on a GPU: without them Triton cannot prove a
+load aligned, and, for one, lays each group of 16 of a per-group quantizer over 16 threads instead
+of one thread's registers (64 against 28 instructions per element; counts before 2026-11-27 21:00
+were made without the hints and are higher, 67.35 G against 48.78 G for the same COAT step).
 
     pip install triton
     python benchmarks/kernel_sass.py [--resolution 1024] [--recipes coat-compiled bf16-compiled] [--top 15]
@@ -83,20 +88,28 @@ def _load(name: str, source: str, folder: Path) -> object:
     return getattr(module, name)
 
 
-def _sass(tuner: object, config: object, tools: Path) -> tuple[list[tuple[int, str]], int]:
-    """``([(address, instruction)], registers per thread)`` of the tuner's kernel in this configuration, on sm_90."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def source_arguments(tuner: object, config: object) -> dict:
+    """``triton.compiler.ASTSource``'s arguments for the tuner's kernel in this configuration, as
+    inductor gives them when it compiles for a GPU: the configuration's block sizes as constants,
+    and the alignment hints (``tt.divisibility`` of pointers and sizes) of ``triton_meta``, without
+    which the count comes out too high (see the module docstring)."""
     fn = tuner.fn
     signature = dict(tuner.triton_meta["signature"])
     constants = {**tuner.triton_meta.get("constants", {}), **config.kwargs}
     for arg in fn.arg_names:
         if arg in constants or arg not in signature:
             signature[arg] = "constexpr"
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constants.items() if k in fn.arg_names})
+    return {"fn": fn, "signature": signature, "attrs": (tuner.triton_meta.get("configs") or [{}])[0],
+            "constexprs": {(fn.arg_names.index(k),): v for k, v in constants.items() if k in fn.arg_names}}
+
+
+def _sass(tuner: object, config: object, tools: Path) -> tuple[list[tuple[int, str]], int]:
+    """``([(address, instruction)], registers per thread)`` of the tuner's kernel in this configuration, on sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(**source_arguments(tuner, config))
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:

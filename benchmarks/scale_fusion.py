@@ -20,7 +20,8 @@ Why: compiled COAT's GELU backward took 0.105 ms per call on an H100 (2026-11-27
 scale's maximum was a separate pass, and 0.37-0.40 ms on an H200 (04:44, 06:10) once the row
 maxima were computed in it, which made it a looped reduction kernel. ``benchmarks/kernel_sass.py``
 counts instructions, not latency: fused it issues fewer (74.5 against 64 + 52 per element, the
-chunks' maxima recomputing the GELU backward), so only a GPU can say which formulation is faster.
+chunks' maxima recomputing the GELU backward; counted before the count took inductor's alignment
+hints), so only a GPU can say which formulation is faster.
 
     python benchmarks/scale_fusion.py [--tokens 4608] [--width 12288] [--repeats 50] [--json FILE]
 

@@ -127,6 +127,21 @@ def test_kernel_sass_counts_the_longest_loop() -> None:
     assert kernel_sass._loop_body([(0x00, "BRA 0x10"), (0x10, "EXIT")]) is None  # forward branches only
 
 
+def test_kernel_sass_compiles_with_inductors_alignment_hints() -> None:
+    """Triton is given what inductor gives it on a GPU: the hints, and the block sizes as constants."""
+    from types import SimpleNamespace
+
+    hints = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+    meta = {"signature": {"in_ptr0": "*bf16", "out_ptr0": "*fp8e4nv", "xnumel": "i32", "XBLOCK": "constexpr"},
+            "constants": {}, "configs": [hints]}
+    tuner = SimpleNamespace(fn=SimpleNamespace(arg_names=["in_ptr0", "out_ptr0", "xnumel", "XBLOCK"]),
+                            triton_meta=meta)
+    arguments = _kernel_sass().source_arguments(tuner, SimpleNamespace(kwargs={"XBLOCK": 128}))
+    assert arguments["attrs"] == hints
+    assert arguments["constexprs"] == {(3,): 128}
+    assert arguments["signature"]["XBLOCK"] == "constexpr" and arguments["signature"]["in_ptr0"] == "*bf16"
+
+
 def test_kernel_sass_replaces_only_coat_options_it_knows() -> None:
     import argparse
 

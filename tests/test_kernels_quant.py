@@ -253,6 +253,31 @@ def test_scale_divided_in_fp64_is_the_fp32_quotient():
         assert torch.equal(exact.view(torch.int32), via_fp64.view(torch.int32))
 
 
+def test_maximum_of_quotients_is_the_quotient_of_the_maximum():
+    """``_codes_and_scale`` divides each part's maximum before the last maximum: rounding by a
+    positive divisor keeps the order, so that is the reference's scale bit for bit. Checked on
+    random magnitudes over the whole finite fp32 range, subnormal quotients and ties included."""
+    gen = torch.Generator().manual_seed(4)
+    bits = torch.randint(0, 0x7F800000, (20_000, 64), generator=gen, dtype=torch.int32)
+    bits[::7, 1] = bits[::7, 0] + 1  # neighbours: quotients that round to the same fp32 value
+    maxima = bits.view(torch.float32)
+    for fmt in FORMATS:
+        divisor = torch.tensor(fmt.max, dtype=torch.float32).double()
+        after = (maxima.amax(dim=1).double() / divisor).float()
+        before = (maxima.double() / divisor).float().amax(dim=1)
+        assert torch.equal(after.view(torch.int32), before.view(torch.int32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_tensor_scale_ops_scale_of_tiny_values_and_zeros_is_one(fmt):
+    """Maxima whose quotient underflows to 0, and all zeros: scale 1, as the reference's."""
+    for x in (torch.tensor([[0.0, 1e-44], [-1e-44, 0.0]]), torch.zeros(3, 4)):
+        codes, scale = quant.tensor_scale_ops(x, fmt)
+        reference = formats.quantize_reference(x, fmt, "tensor")
+        assert torch.equal(scale, reference.scale.reshape(())) and scale.item() == 1.0
+        assert torch.equal(codes.view(torch.uint8), reference.data.view(torch.uint8))
+
+
 @pytest.mark.parametrize("width", [1024, 1000])  # a multiple of the chunk, and not (maxima per row then)
 def test_tensor_scale_ops_gives_the_same_scale_and_codes_by_chunk_or_by_row(width):
     gen = torch.Generator().manual_seed(width)

@@ -102,8 +102,15 @@ def available(device: torch.device | str = "cuda") -> tuple[bool, str]:
 
 
 def _finite_abs(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` as fp32, with 0 for infinities and NaN (the reference's maxima ignore them).
+
+    ``mag < inf`` rather than ``isfinite(mag)``: the same selection (NaN compares false), in one
+    comparison where inductor writes ``isfinite`` as three operations and a conjunction. In every
+    kernel that takes a maximum of a compiled FLUX.1-dev block: 44.07 to 43.60 G warp instructions
+    per step at 1024 px, and one kernel fewer (``benchmarks/kernel_sass.py``, sm_90 code).
+    """
     mag = x.float().abs()
-    return torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag))
+    return torch.where(mag < float("inf"), mag, torch.zeros_like(mag))
 
 
 def _format_max(fmt: FP8Format) -> float:
@@ -136,8 +143,9 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
 
     Three operations per element. Inductor inlines this into every kernel that decodes or encodes a
     per-group scale, recomputed per element. ``benchmarks/kernel_sass.py`` counts a 1024 px COAT
-    step's inductor kernels at 71.5 ms at the issue rate with it, against 85.6 ms for the product of
-    seven exact power-of-two factors used before (x86_64 CPU compiling for sm_90, 2026-11-27).
+    step's inductor kernels at 44.07 G warp instructions with it (42.2 ms at an H200's issue rate),
+    against 47.50 G (45.4 ms) for the product of seven exact power-of-two factors used before and
+    43.33 G (41.4 ms) from its bits (x86_64 CPU compiling for sm_90, torch 2.13, 2026-11-27).
 
     Exactness: CUDA does not promise ``exp2f`` exact, but at an integer the result is a power of
     two, and the reference (:func:`coatflux.core.formats.scale_from_amax`) computes its scales with
@@ -186,19 +194,31 @@ def _quantize_tensor(flat: torch.Tensor, fmt_max: torch.Tensor | float,
     # Padded to an even number of blocks: a single block would be a size of 1, which a graph
     # with dynamic shapes specializes on, so a larger tensor later would compile it again.
     blocks = torch.nn.functional.pad(flat, (0, (-flat.shape[0]) % (2 * AMAX_BLOCK))).reshape(-1, AMAX_BLOCK)
-    amax = _finite_abs(blocks).amax(dim=1).amax()
-    return _codes_and_scale(flat, amax, fmt_max, fmt)
+    return _codes_and_scale(flat, _finite_abs(blocks).amax(dim=1), fmt_max, fmt)
 
 
-def _codes_and_scale(x: torch.Tensor, amax: torch.Tensor, fmt_max: torch.Tensor | float,
+def _codes_and_scale(x: torch.Tensor, partial_maxima: torch.Tensor, fmt_max: torch.Tensor | float,
                      fmt: FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x``'s codes and the fp32 scale for the maximum ``amax`` of its magnitudes."""
-    # Divided in fp64, then rounded to fp32: that is the correctly rounded fp32 quotient (double
-    # rounding is harmless for division, 53 >= 2 * 24 + 2), whatever inductor makes of an fp32
-    # division -- Triton's approximate div.full, or a multiplication by the reciprocal. The
-    # reference (formats.scale_from_amax) divides tensor by tensor, correctly rounded on any device.
-    scale = (amax.double() / fmt_max).float()
-    scale = torch.where((amax > 0) & (scale > 0), scale, torch.ones_like(scale))  # as scale_from_amax
+    """``x``'s codes and the fp32 scale for its magnitudes' maxima over parts (rows, blocks) of it.
+
+    The scale is the reference's (:func:`coatflux.core.formats.scale_from_amax`): the maximum over
+    the parts divided by the format's maximum, 1 where that is 0. Divided in fp64, then rounded to
+    fp32: that is the correctly rounded fp32 quotient (double rounding is harmless for division,
+    53 >= 2 * 24 + 2), whatever inductor makes of an fp32 division -- Triton's approximate
+    ``div.full``, or a multiplication by the reciprocal.
+
+    The division is taken per part, before the last maximum, not after it: rounding a quotient by
+    a positive constant never reverses an order, so the maximum of the quotients is the quotient of
+    the maximum, bit for bit. Why: inductor inlines a point-wise chain on a scalar into every kernel
+    that reads it, so a quotient taken after the maximum was recomputed for every element of ``x``
+    in the kernel that writes the codes, the fp64 division included: 31 to 32 SASS instructions per
+    element in those kernels of a compiled FLUX.1-dev block, 19 with the division taken before
+    (``benchmarks/kernel_sass.py``, sm_90 code). Then the scale is a reduction's output, which the
+    codes' kernel loads. ``(amax > 0) & (scale > 0)``, the reference's condition, is
+    ``scale > 0``: a positive quotient has a positive dividend.
+    """
+    scale = (partial_maxima.double() / fmt_max).float().amax()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return _saturate(x.float() / scale, fmt).to(fmt.dtype), scale
 
 
@@ -285,7 +305,7 @@ def tensor_scale_ops(x: torch.Tensor, fmt: str | FP8Format, chunk: int | None = 
     0.674 ms per chunk of 256, so the compiled blocks take the row.
     """
     fmt = get_format(fmt)
-    return _codes_and_scale(x, _partial_maxima(x, chunk).amax(), _format_max(fmt), fmt)
+    return _codes_and_scale(x, _partial_maxima(x, chunk), _format_max(fmt), fmt)
 
 
 def _partial_maxima(x: torch.Tensor, chunk: int | None) -> torch.Tensor:
