@@ -35,7 +35,9 @@ were made without the hints and are higher, 67.35 G against 48.78 G for the same
 
     pip install triton
     python benchmarks/kernel_sass.py [--resolution 1024] [--recipes coat-compiled bf16-compiled] [--top 15]
-        [--coat-option realize_opcount_threshold=30]
+        [--coat-option realize_opcount_threshold=30] [--pow2 product] [--without-split-pass]
+
+The last three count a variant of COAT's code or options, one change at a time against the default.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coatflux.bench.model import FLUX_DEV_CONFIG
 from kernel_launches import RECIPES, _generate_only, _run
+from pow2_formulations import FORMULATIONS, formulation
 
 GRAPHS = ("double forward", "double backward", "single forward", "single backward")
 _BLOCK_KEYS = ("XBLOCK", "YBLOCK", "R0_BLOCK")
@@ -239,8 +242,14 @@ def main() -> None:
     parser.add_argument("--coat-option", action="append", default=[], metavar="NAME=INT",
                         help="replace one of core.compiled.COAT_INDUCTOR_OPTIONS in this count, e.g. "
                              "realize_opcount_threshold=30 (repeatable)")
+    parser.add_argument("--pow2", choices=sorted(FORMULATIONS), default="exp2",
+                        help="how the per-group scales' powers of two are computed (benchmarks/pow2_formulations.py)")
+    parser.add_argument("--without-split-pass", action="store_true",
+                        help="compile COAT's blocks without core.passes.SplitConcatenatedOperand")
     args = parser.parse_args()
     coat_options = _coat_options(args.coat_option, parser)
+    if args.without_split_pass:
+        coat_options["post_grad_custom_pre_pass"] = None
     if importlib.util.find_spec("triton") is None:
         sys.exit("kernel_sass: needs Triton to generate and compile inductor's GPU code (pip install triton)")
     import triton
@@ -253,7 +262,7 @@ def main() -> None:
           f"FLUX.1-dev width, LoRA rank 16, {args.resolution} px, batch 1; issue rate of {args.sms} SMs x 4 "
           f"schedulers x {args.clock_ghz} GHz")
     per_block = {"double": FLUX_DEV_CONFIG["num_layers"], "single": FLUX_DEV_CONFIG["num_single_layers"]}
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, formulation(FORMULATIONS[args.pow2]):
         for recipe in args.recipes:
             start = len(codes)
             torch._dynamo.reset()

@@ -16,9 +16,10 @@ compiles (every compiled function and dynamo's caches made anew around it):
 
 Each cell says ``ok`` (with the time) or the error the compiler raised.
 
-Why: ``benchmarks/kernel_sass.py`` counts a 1024 px COAT step's inductor kernels at 45.4 ms at the
-issue rate with ``product``, 42.2 with ``exp2`` and 41.4 with ``bits`` (2026-11-27, this CPU
-compiling for sm_90 with inductor's alignment hints; 85.6, 71.5 and 70.9 without them). ``bits``
+Why: ``benchmarks/kernel_sass.py`` counts a 1024 px COAT step's inductor kernels at 45.1 ms at the
+issue rate with ``product``, 41.7 with ``exp2`` and 41.3 with ``bits`` (its ``--pow2``; 2026-11-27,
+this CPU compiling for sm_90 with inductor's alignment hints; 85.6, 71.5 and 70.9 without them and
+before two later changes to the quantizers). ``bits``
 failed to compile for CUDA twice where a CPU compiled it: as ``(k + 127) << 23`` the integer
 reached Triton as int64 (H200, 2026-11-26), and as a product of int32 tensors inductor's CUDA
 tiling raised ``CantSplit`` in the standalone quantizer, whose group size was then a symbol (H200,

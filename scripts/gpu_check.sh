@@ -20,7 +20,7 @@
 #   this script has the time it needs now. The failure was in the standalone per-group quantizer
 #   (the GPU test's and, by the bench log's order, an eager linear's outside the compiled blocks),
 #   whose group size dynamo traced as a symbol; it is a constant since (kernels/quant.compile_kernel).
-#   _pow2 is now exp2 of the integer (42.2 ms at the issue rate by kernel_sass.py, product 45.4):
+#   _pow2 is now exp2 of the integer (41.7 ms at the issue rate by kernel_sass.py, product 45.1):
 #   the COAT rows and the GPU tests (all 255 exponents on the device) are its first GPU check; where
 #   either fails, the pow2 stage compares it with the product and the bits.
 # * Decided, so no longer run here (the scripts stay in benchmarks/): fast accumulation in FLUX's
@@ -34,9 +34,10 @@
 #   (coatflux::lora_addmm_), the compiled fused FP8AdamW update (COAT's optimizer column was 13 ms at
 #   06:10), fast accumulation inside the COAT step. Their GPU tests passed at 14:35. Since then
 #   also the single block's LoRA gradient of proj_out multiplied per part of its concatenation
-#   (core/passes.py; its GPU test is in tests/test_passes.py), each per-tensor scale divided before
-#   its last maximum and |x| < inf for isfinite (kernels/quant.py): 46.82 to 43.60 G warp
-#   instructions per step by benchmarks/kernel_sass.py, now counted with inductor's alignment hints.
+#   (core/passes.py; its GPU test is in tests/test_passes.py; 46.36 to 43.60 G warp instructions
+#   per step by benchmarks/kernel_sass.py --without-split-pass and without), then each per-tensor
+#   scale divided before its last maximum and |x| < inf for isfinite (kernels/quant.py; 48.78 to
+#   43.60 G by the same count, now made with inductor's alignment hints).
 # * The compile cache (.cache/compile-cache.bin, 84.5 MiB at 14:35) is too big to come back, so it
 #   only helps a second stage on the same warm machine. First steps on an H200: COAT 122-154 s,
 #   torchao 42-48 s, compiled bf16 29-38 s.

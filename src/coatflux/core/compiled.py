@@ -374,8 +374,8 @@ COAT_RECOMPUTE: tuple[Any, ...] = (torch.cat, torch.concat, torch.concatenate)
 #: chain's size it is computed where it is used: 874 fewer kernel launches per FLUX.1-dev step at
 #: 512 px, 9,937 to 9,063 (``benchmarks/kernel_launches.py``), with the same values. ``_pow2`` is
 #: three operations now (an ``exp2``), and the threshold still pays: at the default 30 inductor makes
-#: 131 kernels of the two blocks and 45.29 G warp instructions per step at 1024 px, against 128 and
-#: 44.07 G at 128 (``benchmarks/kernel_sass.py``, sm_90 code compiled on a CPU; 43.3 against 42.2 ms
+#: 132 kernels of the two blocks and 45.07 G warp instructions per step at 1024 px, against 127 and
+#: 43.60 G at 128 (``benchmarks/kernel_sass.py``, sm_90 code compiled on a CPU; 43.1 against 41.7 ms
 #: at the H200's issue rate). ``force_pointwise_cat`` has every
 #: concatenation computed element by element where it is read rather than copied into place: FLUX's
 #: single block concatenates the attention output with the GELU output and feeds ``proj_out``,
@@ -386,8 +386,8 @@ COAT_RECOMPUTE: tuple[Any, ...] = (torch.cat, torch.concat, torch.concatenate)
 #: ``post_grad_custom_pre_pass`` splits a product whose right operand is a concatenation into one
 #: product per part (:class:`coatflux.core.passes.SplitConcatenatedOperand`): the single block's
 #: backward no longer rebuilds its concatenation for the LoRA gradient of ``proj_out``, and its GELU
-#: part is computed in the GELU backward's kernel (46.82 to 44.07 G warp instructions per step at
-#: 1024 px, 129 to 128 kernels, by the same count).
+#: part is computed in the GELU backward's kernel (46.36 to 43.60 G warp instructions per step at
+#: 1024 px, 128 to 127 kernels, by the same count, ``--without-split-pass`` for the first).
 COAT_INDUCTOR_OPTIONS: Mapping[str, Any] = {"realize_opcount_threshold": 128, "force_pointwise_cat": True,
                                             "post_grad_custom_pre_pass": SplitConcatenatedOperand()}
 

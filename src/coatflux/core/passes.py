@@ -14,7 +14,7 @@ the LoRA gradient of ``proj_out``'s down-projection is ``grad_h^T @ that concate
 partitioner stores the parts, not the concatenation (:data:`coatflux.core.compiled.COAT_RECOMPUTE`),
 so backward rebuilt it: a kernel that decoded the FP8 GELU input, applied the GELU and copied the
 attention output into a bf16 buffer 15,360 columns wide. In ``benchmarks/kernel_sass.py``'s count of
-a FLUX.1-dev step at 1024 px the split saves 2.75 G of 46.82 G warp instructions and one kernel,
+a FLUX.1-dev step at 1024 px the split saves 2.76 G of 46.36 G warp instructions and one kernel,
 and the H200 profile of 2026-11-27 06:10 timed the concatenation's kernel at 4.8 ms a step. Split, the
 attention part is multiplied where it lies, and the GELU part is computed over the same elements as
 the GELU backward, which reads the same FP8 input.

@@ -107,7 +107,8 @@ def _finite_abs(x: torch.Tensor) -> torch.Tensor:
     ``mag < inf`` rather than ``isfinite(mag)``: the same selection (NaN compares false), in one
     comparison where inductor writes ``isfinite`` as three operations and a conjunction. In every
     kernel that takes a maximum of a compiled FLUX.1-dev block: 44.07 to 43.60 G warp instructions
-    per step at 1024 px, and one kernel fewer (``benchmarks/kernel_sass.py``, sm_90 code).
+    per step at 1024 px, and one kernel fewer (``benchmarks/kernel_sass.py``, sm_90 code, with
+    ``isfinite`` put back by hand for the first figure).
     """
     mag = x.float().abs()
     return torch.where(mag < float("inf"), mag, torch.zeros_like(mag))
@@ -143,9 +144,9 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
 
     Three operations per element. Inductor inlines this into every kernel that decodes or encodes a
     per-group scale, recomputed per element. ``benchmarks/kernel_sass.py`` counts a 1024 px COAT
-    step's inductor kernels at 44.07 G warp instructions with it (42.2 ms at an H200's issue rate),
-    against 47.50 G (45.4 ms) for the product of seven exact power-of-two factors used before and
-    43.33 G (41.4 ms) from its bits (x86_64 CPU compiling for sm_90, torch 2.13, 2026-11-27).
+    step's inductor kernels at 43.60 G warp instructions with it (41.7 ms at an H200's issue rate),
+    against 47.12 G (45.1 ms) for the product of seven exact power-of-two factors used before and
+    43.19 G (41.3 ms) from its bits (``--pow2``; x86_64 CPU compiling for sm_90, torch 2.13, 2026-11-27).
 
     Exactness: CUDA does not promise ``exp2f`` exact, but at an integer the result is a power of
     two, and the reference (:func:`coatflux.core.formats.scale_from_amax`) computes its scales with
