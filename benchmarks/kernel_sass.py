@@ -260,7 +260,8 @@ def main() -> None:
     issue_rate = args.sms * 4 * args.clock_ghz * 1e9
     print(f"kernel_sass: {platform.machine()}, torch {torch.__version__}, Triton {triton.__version__} for sm_90, "
           f"FLUX.1-dev width, LoRA rank 16, {args.resolution} px, batch 1; issue rate of {args.sms} SMs x 4 "
-          f"schedulers x {args.clock_ghz} GHz")
+          f"schedulers x {args.clock_ghz} GHz; COAT's _pow2: {args.pow2}"
+          f"{', without the split pass' if args.without_split_pass else ''}")
     per_block = {"double": FLUX_DEV_CONFIG["num_layers"], "single": FLUX_DEV_CONFIG["num_single_layers"]}
     with tempfile.TemporaryDirectory() as scratch, formulation(FORMULATIONS[args.pow2]):
         for recipe in args.recipes:
