@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,9 @@ def _train(model, opt, steps: int, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def _worker(rank: int, port: int, out: str) -> None:  # pragma: no cover - runs in spawned processes
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)  # a fatal signal prints where each thread was
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -162,6 +166,15 @@ def _worker(rank: int, port: int, out: str) -> None:  # pragma: no cover - runs 
         torch.save(results, outdir / "results.pt")
     dist.barrier()
     dist.destroy_process_group()
+    (outdir / f"rank{rank}.done").touch()
+    # Leave without the interpreter's teardown. Once, in CI (2026-11-27), a rank died by SIGABRT
+    # ("terminate called without an active exception", a C++ thread destroyed while running)
+    # with no Python traceback; 105 runs here under load did not reproduce it. Finalization is
+    # where torch's own threads and the objects they hold are torn down (pytorch/pytorch#179291
+    # describes such a crash with gloo). Nothing of ours is left to run at that point.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -188,12 +201,29 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     reason = _fully_shard_available()
     if reason:
         pytest.skip(reason)
+    out = _run_two_ranks(tmp_path_factory)
+    if isinstance(out, str):
+        # A rank killed by a signal is a crash inside torch's C++ (our code raises Python errors);
+        # it is run once more, and said so, rather than failing four tests on a one-off.
+        warnings.warn(f"the 2-rank FSDP script crashed and was run again: {out}", stacklevel=1)
+        out = _run_two_ranks(tmp_path_factory)
+    assert not isinstance(out, str), out
+    assert sorted(p.name for p in out.glob("rank*.done")) == ["rank0.done", "rank1.done"]
+    return torch.load(out / "results.pt", weights_only=True)
+
+
+def _run_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path | str:
+    """The script's output folder, or the reason it failed. A failure other than a rank dying by
+    a signal fails the test here and now."""
     out = tmp_path_factory.mktemp("fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, __file__, str(_free_port()), str(out)], env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return torch.load(out / "results.pt", weights_only=True)
+    if proc.returncode == 0:
+        return out
+    log = proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "terminated with signal" in proc.stderr, log
+    return log
 
 
 def _unsharded(opt_cls, data_parallel: bool = False) -> dict[str, torch.Tensor]:
