@@ -110,9 +110,11 @@ TORCH_LOGS=recompiles bench bench 410 --resolutions 1024 --allow-cudnn-attention
   --profile coat-compiled+cudagraphs --budget-s 390
 
 # The FP8 GEMM's tests, the split concatenated product in a compiled block against eager, the
-# compiled quantizers' against the reference byte for byte, the fused
+# compiled quantizers' against the reference byte for byte, the traced linear's bf16 path (zero
+# input gradients under torch 2.11 until 2026-11-27) against eager, the fused
 # FP8AdamW's compiled step against the reference (the hooked tiny FLUX on cuDNN passed at 06:10
 # and is left out for time). pytest prints the captured DEBUG log of a failure: left out.
 timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short tests/test_linear.py tests/test_passes.py \
-  tests/test_kernels_quant.py tests/test_kernels.py 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log"
+  tests/test_kernels_quant.py tests/test_kernels.py \
+  tests/test_compiled.py::test_traced_linear_without_scaled_mm_matches_eager_on_gpu 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu_tests.log"
 echo "GPU tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"

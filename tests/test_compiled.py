@@ -180,6 +180,14 @@ def test_traced_fp8_linear_matches_eager_on_gpu(trainable):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_traced_linear_without_scaled_mm_matches_eager_on_gpu():
+    """A GPU multiplies in bf16 where torch._scaled_mm is not in the graph (an unsupported shape, a
+    card without FP8): the case that got zero input gradients under torch 2.11 (see above)."""
+    _traced_against_eager(False, False, "aot_eager", "cuda")
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
 def test_inductor_hooks_on_gpu_match_the_traced_graph():
     hooks = SavedTensorCompression(ActivationConfig(min_saved_numel=0))
@@ -191,19 +199,28 @@ def test_inductor_hooks_on_gpu_match_the_traced_graph():
         assert sqnr_db(t, g) > 40
 
 
-def _traced_against_eager(trainable: bool, scaled_mm: bool, backend: str, device: str) -> None:
+@pytest.mark.parametrize("lora", [False, True])
+def test_traced_fp8_linear_that_multiplies_in_its_output_dtype_matches_eager(lora):
+    """fp32 on a CPU, like bf16 on a GPU without torch._scaled_mm in the graph, multiplies in the
+    output's dtype, so no cast is left to do. Under torch 2.11 a forward that still called ``.to``
+    returned that same tensor again, and torch.compile gave the input a gradient of zeros."""
+    _traced_against_eager(False, False, "aot_eager", "cpu", torch.float32, lora)
+
+
+def _traced_against_eager(trainable: bool, scaled_mm: bool, backend: str, device: str,
+                          dtype: torch.dtype = torch.bfloat16, lora: bool = True) -> None:
     torch.manual_seed(0)
-    linear = nn.Linear(64, 48, dtype=torch.bfloat16, device=device).requires_grad_(trainable)
+    linear = nn.Linear(64, 48, dtype=dtype, device=device).requires_grad_(trainable)
     layer = FP8Linear.from_linear(linear)
     layer.fp8_gemm_in_graph = scaled_mm
     a = (torch.randn(8, 64, device=device) / 8).requires_grad_()
     b = (torch.randn(48, 8, device=device) / 8).requires_grad_()
-    x = torch.randn(3, 16, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
+    x = torch.randn(3, 16, 64, dtype=dtype, device=device, requires_grad=True)
 
     def run(fn):
-        y = fn(x, a, b, 0.5)
+        y = fn(x, a, b, 0.5) if lora else fn(x)
         y.float().square().sum().backward()
-        params = [x, a, b] + ([layer.weight, layer.bias] if trainable else [])  # bias: in the GEMM epilogue
+        params = [x] + ([a, b] if lora else []) + ([layer.weight, layer.bias] if trainable else [])  # bias: in the GEMM epilogue
         grads = [p.grad.clone() for p in params]
         for p in params:
             p.grad = None

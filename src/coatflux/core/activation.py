@@ -177,8 +177,11 @@ class ActivationCompressor:
         self.range_observer: Callable[[torch.Tensor, QuantizedTensor], None] | None = None
         self._packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._derived: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-        # id(autograd node) -> the registered part it produced (weakly); cleared after each forward
-        self._parts: dict[int, weakref.ref] = {}
+        # id(autograd node) -> (that node, the registered part it produced, weakly); cleared after
+        # each forward. The node is held: under torch 2.11 the Python object of a built-in node
+        # (a ViewBackward0) was made anew on each `grad_fn` read once none was alive, so neither
+        # its id nor `is` would find it again at the concatenation.
+        self._parts: dict[int, tuple[Any, weakref.ref]] = {}
 
     def quantize_saved(self, t: torch.Tensor) -> QuantizedTensor:
         """The FP8 form this compressor stores activations in (per group or per tensor)."""
@@ -204,8 +207,9 @@ class ActivationCompressor:
 
     def register_part(self, t: Any) -> None:
         """Declare ``t`` (a module's output) a part that a saved concatenation may be stored as."""
-        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
-            self._parts[id(t.grad_fn)] = weakref.ref(t)
+        node = t.grad_fn if isinstance(t, torch.Tensor) else None
+        if node is not None:
+            self._parts[id(node)] = (node, weakref.ref(t))
 
     def should_compress(self, t: torch.Tensor) -> bool:
         """Activations only: not weights, not constants, not per-row statistics."""
@@ -255,8 +259,8 @@ class ActivationCompressor:
             if derived is not None and output_nr == 0:
                 parts.append(derived)
                 continue
-            ref = self._parts.get(id(part_node))
-            part = ref() if ref is not None else None
+            registered, ref = self._parts.get(id(part_node), (None, None))
+            part = ref() if registered is part_node else None
             if part is None or part.grad_fn is not part_node or part.output_nr != output_nr:
                 return None
             parts.append(self._pack(part))
