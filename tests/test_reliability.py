@@ -269,7 +269,7 @@ def _run_driver(tmp_path: Path, job: dict, sig: int, at: int) -> subprocess.Comp
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job), encoding="utf-8")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", DRIVER, str(config), str(sig), str(at)], capture_output=True,
+    return subprocess.run([sys.executable, "-c", DRIVER, str(config), str(int(sig)), str(at)], capture_output=True,
                           text=True, env=env, timeout=300, cwd=tmp_path)
 
 
