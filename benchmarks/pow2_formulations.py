@@ -19,11 +19,10 @@ Each cell says ``ok`` (with the time) or the error the compiler raised.
 Why: ``benchmarks/kernel_sass.py`` counts a 1024 px COAT step's inductor kernels at 45.1 ms at the
 issue rate with ``product``, 41.7 with ``exp2`` and 41.3 with ``bits`` (its ``--pow2``; 2026-11-27,
 this CPU compiling for sm_90 with inductor's alignment hints; 85.6, 71.5 and 70.9 without them and
-before two later changes to the quantizers). ``bits``
-failed to compile for CUDA twice where a CPU compiled it: as ``(k + 127) << 23`` the integer
-reached Triton as int64 (H200, 2026-11-26), and as a product of int32 tensors inductor's CUDA
-tiling raised ``CantSplit`` in the standalone quantizer, whose group size was then a symbol (H200,
-2026-11-27 14:35; a constant since). ``exp2`` is exact only where the device's ``exp2`` is exact at
+before two later changes to the quantizers). ``bits`` failed to compile for CUDA twice where a CPU
+compiled it: as ``(k + 127) << 23`` the integer reached Triton as int64 (H200, 2026-11-26), and as
+a product of int32 tensors inductor's CUDA tiling raised ``CantSplit`` in the standalone quantizer,
+whose group size was then a symbol (H200, 2026-11-27 14:35; a constant since). ``exp2`` is exact only where the device's ``exp2`` is exact at
 integers, which CUDA does not promise (the reference's scales use ``torch.exp2`` as well). Only a
 GPU can say which compile, which are exact there, and what each costs.
 

@@ -178,9 +178,9 @@ class ActivationCompressor:
         self._packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._derived: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         # id(autograd node) -> (that node, the registered part it produced, weakly); cleared after
-        # each forward. The node is held: under torch 2.11 and 2.12 the Python object of a built-in node
-        # (a ViewBackward0) was made anew on each `grad_fn` read once none was alive, so neither
-        # its id nor `is` would find it again at the concatenation.
+        # each forward. The node is held: under torch 2.11 and 2.12 the Python object of a built-in
+        # node (a ViewBackward0) was made anew on each `grad_fn` read once none was alive, so
+        # neither its id nor `is` would find it again at the concatenation.
         self._parts: dict[int, tuple[Any, weakref.ref]] = {}
 
     def quantize_saved(self, t: torch.Tensor) -> QuantizedTensor:

@@ -124,8 +124,8 @@ def fp8_mm(
     out = (a.to(compute) * scale_a.to(compute)) @ (b.to(compute) * scale_b.to(compute)).t()
     out = out if bias is None else out + bias.to(compute)
     # No `.to` where the dtype is already right: an autograd.Function whose forward returned such a
-    # no-op cast (the same tensor again) got zero input gradients under torch.compile in torch
-    # 2.11 (not in 2.12 or 2.13). That is this path on a GPU, which multiplies in out_dtype: a compiled
+    # no-op cast (the same tensor again) got zero input gradients under torch.compile in torch 2.11
+    # (not in 2.12 or 2.13). That is this path on a GPU, which multiplies in out_dtype: a compiled
     # block's linear on a card without FP8, or with activation.fp8_gemm off.
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
